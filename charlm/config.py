@@ -1,0 +1,56 @@
+"""The model's shape as a frozen dataclass: saved in every checkpoint, so a checkpoint alone rebuilds it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from charlm.errors import ConfigError
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Embedding -> `num_layers` stacked LSTMs -> linear decoder -> softmax over `vocab_size` tokens.
+
+    `dropout` is inverted, locked (one mask per window, shared by all time steps, as in AWD-LSTM) and
+    applied to the input of every LSTM layer but the first and to the last layer's output.
+    `tie_weights` shares the embedding with the decoder and needs `embed_dim == hidden_size`.
+    """
+
+    vocab_size: int
+    embed_dim: int = 128
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.2
+    tie_weights: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise ConfigError(
+                f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} and {self.hidden_size}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build from a `config.json` mapping; unknown or missing keys are a ConfigError, not a TypeError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        if "vocab_size" not in data:
+            raise ConfigError("model config has no vocab_size")
+        return cls(**data)
