@@ -1,0 +1,166 @@
+"""AdamW, global-norm gradient clipping and learning-rate schedules.
+
+The per-element update runs in one compiled kernel per parameter (`kernels.adamw_update`), so an
+optimizer step costs one pass over memory; this module only decides what goes into each call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from charlm.errors import CheckpointError, ConfigError
+from charlm.kernels import adamw_update, sum_of_squares
+
+SCHEDULES = ("cosine", "constant", "plateau")
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), updating `params` in place.
+
+    Weight decay applies to matrices only (embedding, LSTM and decoder weights): decaying biases
+    and the forget-gate bias of 1 would only pull them away from useful values.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr <= 0:
+            raise ConfigError(f"learning rate must be positive, got {lr!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"Adam betas must be in [0, 1), got {betas!r}")
+        if weight_decay < 0:
+            raise ConfigError(f"weight decay must be non-negative, got {weight_decay!r}")
+        self.params = params
+        self.lr = lr
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.step_count = 0
+        self.m = {name: np.zeros_like(p) for name, p in params.items()}
+        self.v = {name: np.zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
+        """One update of every parameter with `lr` (the scheduled rate; defaults to the base rate)."""
+        self.step_count += 1
+        rate = self.lr if lr is None else lr
+        for name, param in self.params.items():
+            decay = self.weight_decay if param.ndim >= 2 else 0.0
+            adamw_update(
+                param, grads[name], self.m[name], self.v[name],
+                rate, self.beta1, self.beta2, self.eps, decay, self.step_count,
+            )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The moments as named arrays ("m.<param>", "v.<param>"); `step_count` is kept separately."""
+        state = {f"m.{name}": m for name, m in self.m.items()}
+        state.update({f"v.{name}": v for name, v in self.v.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray], step_count: int) -> None:
+        """Restore moments saved by `state_dict`; a missing or misshapen moment is a CheckpointError."""
+        for moments, prefix in ((self.m, "m"), (self.v, "v")):
+            for name, current in moments.items():
+                key = f"{prefix}.{name}"
+                saved = state.get(key)
+                if saved is None:
+                    raise CheckpointError(f"optimizer state has no {key!r}")
+                if saved.shape != current.shape:
+                    raise CheckpointError(
+                        f"optimizer state {key!r} has shape {saved.shape}, expected {current.shape}"
+                    )
+                current[...] = saved
+        if step_count < 0:
+            raise CheckpointError(f"optimizer step count must be non-negative, got {step_count}")
+        self.step_count = int(step_count)
+
+
+def global_grad_norm(grads: dict[str, np.ndarray]) -> float:
+    """The L2 norm of all gradients taken as one vector (float64 accumulation; inf/nan propagate)."""
+    return math.sqrt(sum(sum_of_squares(g) for g in grads.values()))
+
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """Scale all gradients together so their global norm is at most `max_norm`; return the norm before.
+
+    A non-finite norm is returned without scaling: the caller skips that update instead.
+    """
+    norm = global_grad_norm(grads)
+    if math.isfinite(norm) and max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= g.dtype.type(scale)
+    return norm
+
+
+def learning_rate(
+    step: int,
+    *,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int | None,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    progress: float | None = None,
+) -> float:
+    """The rate for update number `step` (0-based): linear warm-up, then the schedule's decay.
+
+    "cosine" falls from `base_lr` to `min_lr_ratio * base_lr` over the steps after warm-up, or over
+    `progress` (a 0..1 fraction, e.g. of a time budget) when the run's length is not a step count.
+    "constant" and "plateau" stay at `base_lr`; plateau decay is applied by `PlateauDecay` on top.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule != "cosine":
+        return base_lr
+    if progress is None:
+        if total_steps is None:
+            raise ConfigError("a cosine schedule needs a total step count or a progress fraction")
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    min_lr = min_lr_ratio * base_lr
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PlateauDecay:
+    """Multiply the rate by `factor` when validation loss has not improved for `patience` evaluations."""
+
+    def __init__(self, factor: float = 0.5, patience: int = 2, min_scale: float = 1e-3) -> None:
+        if not 0.0 < factor < 1.0:
+            raise ConfigError(f"plateau factor must be in (0, 1), got {factor!r}")
+        if patience < 1:
+            raise ConfigError(f"plateau patience must be a positive integer, got {patience!r}")
+        self.factor = factor
+        self.patience = patience
+        self.min_scale = min_scale
+        self.scale = 1.0
+        self.best = math.inf
+        self.bad_evals = 0
+
+    def update(self, val_loss: float) -> None:
+        if val_loss < self.best:
+            self.best = val_loss
+            self.bad_evals = 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            self.scale = max(self.scale * self.factor, self.min_scale)
+            self.bad_evals = 0
+
+    def state_dict(self) -> dict:
+        """JSON-able (no infinities: a run with no evaluation yet stores `best` as None)."""
+        best = self.best if math.isfinite(self.best) else None
+        return {"scale": self.scale, "best": best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.best = math.inf if state["best"] is None else float(state["best"])
+        self.bad_evals = int(state["bad_evals"])
