@@ -1,0 +1,289 @@
+"""Numba kernels of the LSTM language model, in forward/backward pairs.
+
+Conventions used by every kernel here: B = batch rows, H = hidden size, gates come in blocks of H in the
+order i, f, g, o (PyTorch's), all arrays are C-contiguous and float32 or float64 (each kernel compiles once
+per dtype and is cached on disk, so a second process starts warm). The large matrix products are left to
+BLAS (numpy.matmul into preallocated buffers); these kernels are the elementwise work fused around them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Fast-math without "nnan"/"ninf": the softmax's max subtraction and the sampling code must see infinities.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def embedding_forward(table, ids, out):
+    """Row lookup: out[n] = table[ids[n]].
+
+    table: (V, D); ids: (N,) integer; out: (N, D), same dtype as table.
+    """
+    for n in range(ids.shape[0]):
+        out[n, :] = table[ids[n]]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def embedding_backward(d_table, ids, d_rows):
+    """Scatter-add, the backward of `embedding_forward`: d_table[ids[n]] += d_rows[n] (d_table is not zeroed).
+
+    d_table: (V, D); ids: (N,) integer; d_rows: (N, D). Threads split the columns, so no two write one cell.
+    """
+    n_rows, width = d_rows.shape
+    block = 64
+    for start in prange((width + block - 1) // block):
+        lo = start * block
+        hi = min(lo + block, width)
+        for n in range(n_rows):
+            row = ids[n]
+            for j in range(lo, hi):
+                d_table[row, j] += d_rows[n, j]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
+    """One LSTM time step for B rows: gate nonlinearities and the cell update, fused.
+
+    Pre-activation of row b = recurrent[b] + xproj[rows[b]] + bias, where recurrent: (B, 4H) is
+    h_prev @ W_hhᵀ and xproj: (R, 4H) holds input projections (the step's own (B, 4H) slice with
+    rows = 0..B-1, or the (V, 4H) embedding table with rows = token ids). Writes the activations
+    [i, f, g, o] to acts: (B, 4H) and c, h, tanh(c): (B, H), all for backward. acts may alias xproj (same
+    rows) or recurrent: each cell reads its four gates before writing them.
+    """
+    n_rows, four_h = acts.shape
+    hidden = four_h // 4
+    one = acts.dtype.type(1.0)
+    for b in range(n_rows):
+        r = rows[b]
+        for k in range(hidden):
+            pre_i = recurrent[b, k] + xproj[r, k] + bias[k]
+            pre_f = recurrent[b, hidden + k] + xproj[r, hidden + k] + bias[hidden + k]
+            pre_g = recurrent[b, 2 * hidden + k] + xproj[r, 2 * hidden + k] + bias[2 * hidden + k]
+            pre_o = recurrent[b, 3 * hidden + k] + xproj[r, 3 * hidden + k] + bias[3 * hidden + k]
+            i = one / (one + np.exp(-pre_i))
+            f = one / (one + np.exp(-pre_f))
+            g = np.tanh(pre_g)
+            o = one / (one + np.exp(-pre_o))
+            cell = f * c_prev[b, k] + i * g
+            tc = np.tanh(cell)
+            acts[b, k] = i
+            acts[b, hidden + k] = f
+            acts[b, 2 * hidden + k] = g
+            acts[b, 3 * hidden + k] = o
+            c[b, k] = cell
+            tanh_c[b, k] = tc
+            h[b, k] = o * tc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def lstm_cell_backward(d_gates, acts, d_h_recurrent, d_h_out, mask, c_prev, tanh_c, d_c):
+    """Backward of `lstm_cell_forward` for one step: gradients of the four gate pre-activations.
+
+    The gradient reaching h_t is d_h_recurrent (= dG_{t+1} @ W_hh) + d_h_out * mask (from the layer above
+    or the decoder, through its dropout mask; a mask of ones without dropout). d_c: (B, H) holds dL/dc_t on
+    entry and dL/dc_{t-1} on exit. acts, d_gates: (B, 4H) and may alias; c_prev, tanh_c, masks: (B, H).
+    """
+    n_rows, four_h = acts.shape
+    hidden = four_h // 4
+    one = acts.dtype.type(1.0)
+    for b in range(n_rows):
+        for k in range(hidden):
+            i = acts[b, k]
+            f = acts[b, hidden + k]
+            g = acts[b, 2 * hidden + k]
+            o = acts[b, 3 * hidden + k]
+            tc = tanh_c[b, k]
+            dh = d_h_recurrent[b, k] + d_h_out[b, k] * mask[b, k]
+            dc = d_c[b, k] + dh * o * (one - tc * tc)
+            d_gates[b, k] = dc * g * i * (one - i)
+            d_gates[b, hidden + k] = dc * c_prev[b, k] * f * (one - f)
+            d_gates[b, 2 * hidden + k] = dc * i * (one - g * g)
+            d_gates[b, 3 * hidden + k] = dh * tc * o * (one - o)
+            d_c[b, k] = dc * f
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def softmax_xent_forward(logits, bias, targets):
+    """Summed cross-entropy (nats, float64) of softmax(logits + bias) against targets, stable by max subtraction.
+
+    logits: (N, V) without the bias; bias: (V,); targets: (N,) integer. Nothing is written.
+    """
+    n_rows, vocab = logits.shape
+    total = 0.0
+    for n in prange(n_rows):
+        top = -np.inf
+        for v in range(vocab):
+            z = logits[n, v] + bias[v]
+            if z > top:
+                top = z
+        acc = 0.0
+        for v in range(vocab):
+            acc += np.exp(logits[n, v] + bias[v] - top)
+        total += np.log(acc) + top - (logits[n, targets[n]] + bias[targets[n]])
+    return total
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
+    """`softmax_xent_forward` that also overwrites logits with its gradient (softmax - onehot) * grad_scale.
+
+    logits: (N, V) without the bias, in place; bias: (V,); targets: (N,) integer. Returns the summed
+    cross-entropy in nats (float64); grad_scale is 1/N for the gradient of the mean.
+    """
+    n_rows, vocab = logits.shape
+    total = 0.0
+    for n in prange(n_rows):
+        top = -np.inf
+        for v in range(vocab):
+            z = logits[n, v] + bias[v]
+            logits[n, v] = z
+            if z > top:
+                top = z
+        acc = 0.0
+        for v in range(vocab):
+            e = np.exp(logits[n, v] - top)
+            logits[n, v] = e
+            acc += e
+        target = targets[n]
+        z_target = np.log(logits[n, target]) + top
+        total += np.log(acc) + top - z_target
+        scale = logits.dtype.type(grad_scale / acc)
+        for v in range(vocab):
+            logits[n, v] *= scale
+        logits[n, target] -= logits.dtype.type(grad_scale)
+    return total
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _matvec_add(out, weight, x):
+    """out[j] += weight[j] · x with contiguous inner products; weight: (R, K), x: (K,)."""
+    for j in range(weight.shape[0]):
+        acc = out.dtype.type(0.0)
+        for k in range(weight.shape[1]):
+            acc += weight[j, k] * x[k]
+        out[j] += acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _sample(logits, temperature, top_k, top_p, uniform, probs):
+    """Token drawn from softmax(logits / temperature) restricted to the top_k tokens (0 = all) and to the
+    smallest most-probable set with mass >= top_p, using one uniform number in [0, 1); argmax when
+    temperature <= 0. probs: (V,) float64 workspace."""
+    vocab = logits.shape[0]
+    if temperature <= 0.0:
+        return np.argmax(logits)
+    top = -np.inf
+    for v in range(vocab):
+        if logits[v] > top:
+            top = logits[v]
+    threshold = -np.inf
+    if 0 < top_k < vocab:
+        threshold = -np.partition(-logits, top_k - 1)[top_k - 1]
+    total = 0.0
+    for v in range(vocab):
+        if logits[v] >= threshold:
+            probs[v] = np.exp((logits[v] - top) / temperature)
+            total += probs[v]
+        else:
+            probs[v] = 0.0
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        kept = 0.0
+        cut = vocab
+        for rank in range(vocab):
+            kept += probs[order[rank]]
+            if kept >= top_p * total:
+                cut = rank + 1
+                break
+        for rank in range(cut, vocab):
+            probs[order[rank]] = 0.0
+        total = kept
+    target = uniform * total
+    running = 0.0
+    last = 0
+    for v in range(vocab):
+        if probs[v] > 0.0:
+            running += probs[v]
+            last = v
+            if running > target:
+                return v
+    return last
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b,
+                  temperature, top_k, top_p, uniform, gates, logits, probs):
+    """Batch-1 streaming step: feed `token` through all layers, the decoder and the sampler; return the next token.
+
+    h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
+    or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
+    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (4H,), logits (V,), probs (V,)
+    float64. Sampling as in `_sample`.
+    """
+    n_layers, hidden = h.shape
+    one = h.dtype.type(1.0)
+    for layer in range(n_layers):
+        gates[:] = bias[layer]
+        if layer == 0:
+            if table0.shape[0] > 0:
+                gates += table0[token]
+            else:
+                _matvec_add(gates, w_ih[0], embedding[token])
+        else:
+            _matvec_add(gates, w_ih[layer], h[layer - 1])
+        _matvec_add(gates, w_hh[layer], h[layer])
+        for k in range(hidden):
+            i = one / (one + np.exp(-gates[k]))
+            f = one / (one + np.exp(-gates[hidden + k]))
+            g = np.tanh(gates[2 * hidden + k])
+            o = one / (one + np.exp(-gates[3 * hidden + k]))
+            cell = f * c[layer, k] + i * g
+            c[layer, k] = cell
+            h[layer, k] = o * np.tanh(cell)
+    logits[:] = dec_b
+    _matvec_add(logits, dec_w, h[n_layers - 1])
+    return _sample(logits, temperature, top_k, top_p, uniform, probs)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _adamw_kernel(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    one = param.dtype.type(1.0)
+    b1 = param.dtype.type(beta1)
+    b2 = param.dtype.type(beta2)
+    decay = param.dtype.type(1.0 - lr * weight_decay)
+    step_size = param.dtype.type(lr / (1.0 - beta1**step))
+    inv_root_correction = param.dtype.type(1.0 / np.sqrt(1.0 - beta2**step))
+    epsilon = param.dtype.type(eps)
+    for n in prange(param.shape[0]):
+        g = grad[n]
+        m[n] = b1 * m[n] + (one - b1) * g
+        v[n] = b2 * v[n] + (one - b2) * g * g
+        param[n] = param[n] * decay - step_size * m[n] / (np.sqrt(v[n]) * inv_root_correction + epsilon)
+
+
+def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """AdamW in place: decoupled weight decay (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
+
+    param, grad, m, v: same shape and dtype, C-contiguous (they are updated through flat views).
+    """
+    arrays = (param, grad, m, v)
+    if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
+        raise ValueError("adamw_update needs C-contiguous arrays of one shape")
+    _adamw_kernel(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                  float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _sum_of_squares_kernel(flat):
+    total = 0.0
+    for n in prange(flat.shape[0]):
+        x = np.float64(flat[n])
+        total += x * x
+    return total
+
+
+def sum_of_squares(grad) -> float:
+    """Σ grad² accumulated in float64, for global-norm gradient clipping."""
+    return float(_sum_of_squares_kernel(np.ascontiguousarray(grad).reshape(-1)))

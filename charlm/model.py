@@ -1,0 +1,380 @@
+"""The stacked-LSTM language model: parameters, forward and backward over one truncated-BPTT window, and
+batch-1 generation.
+
+A window of ids (T, B) goes embedding -> L LSTM layers -> linear decoder -> softmax. Per layer the input
+projection of all T steps is one GEMM (or, for layer 0 with a small vocabulary, a lookup in the
+precomputed (V, 4H) table embedding @ W_ih0ᵀ); each step is one recurrent GEMM h @ W_hhᵀ plus one fused
+Numba kernel. Backward runs the steps in reverse with one fused kernel each and forms every weight
+gradient as a single GEMM over the whole window. Buffers are allocated once per (T, B, train) shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from charlm import kernels
+from charlm.config import ModelConfig
+from charlm.errors import ConfigError
+from charlm.runtime import ensure_threads_limited
+
+# Gate order inside the 4H rows of w_ih, w_hh and bias (PyTorch's, so weights copy over unchanged).
+GATES = ("input", "forget", "cell", "output")
+EMBEDDING_TABLE_MODES = ("auto", "always", "never")
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, in the fixed order used by checkpoints and optimizers."""
+    vocab, hidden = config.vocab_size, config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"embedding": (vocab, config.embed_dim)}
+    for layer in range(config.num_layers):
+        inputs = config.embed_dim if layer == 0 else hidden
+        shapes[f"lstm.{layer}.w_ih"] = (4 * hidden, inputs)
+        shapes[f"lstm.{layer}.w_hh"] = (4 * hidden, hidden)
+        shapes[f"lstm.{layer}.bias"] = (4 * hidden,)
+    if not config.tie_weights:
+        shapes["decoder.weight"] = (vocab, hidden)
+    shapes["decoder.bias"] = (vocab,)
+    return shapes
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """PyTorch-like initialisation, deterministic in `seed`: LSTM and decoder weights U(±1/√H), embedding
+    U(±0.1), biases 0 except the forget gate's 1 (so early training does not forget everything)."""
+    rng = np.random.default_rng(seed)
+    hidden = config.hidden_size
+    bound = 1.0 / np.sqrt(hidden)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name == "embedding":
+            value = rng.uniform(-0.1, 0.1, shape)
+        elif name.endswith(".bias"):
+            value = np.zeros(shape)
+            if name.startswith("lstm."):
+                value[hidden : 2 * hidden] = 1.0
+        else:
+            value = rng.uniform(-bound, bound, shape)
+        params[name] = np.ascontiguousarray(value, dtype=config.dtype)
+    return params
+
+
+def _checked_params(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The given arrays in the config's dtype, C-contiguous and writable (copied only when they are not)."""
+    shapes = param_shapes(config)
+    if set(params) != set(shapes):
+        missing = sorted(set(shapes) - set(params))
+        extra = sorted(set(params) - set(shapes))
+        raise ConfigError(f"parameters do not match the model config: missing {missing}, unexpected {extra}")
+    checked = {}
+    for name, shape in shapes.items():
+        value = np.asarray(params[name])
+        if value.shape != shape:
+            raise ConfigError(f"parameter {name} has shape {value.shape}, the config needs {shape}")
+        value = np.require(value, dtype=config.dtype, requirements=["C", "W"])
+        checked[name] = value
+    return checked
+
+
+class _Workspace:
+    """Every buffer one window shape needs, allocated once and reused by every window of that shape."""
+
+    def __init__(self, config: ModelConfig, steps: int, batch: int, train: bool):
+        dtype = np.dtype(config.dtype)
+        layers, hidden, vocab = config.num_layers, config.hidden_size, config.vocab_size
+        self.h = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]  # h[l][0] = h0
+        self.c = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]
+        self.acts = [np.zeros((steps, batch, 4 * hidden), dtype) for _ in range(layers)]  # then dG
+        self.tanh_c = [np.zeros((steps, batch, hidden), dtype) for _ in range(layers)]
+        self.recurrent = np.zeros((batch, 4 * hidden), dtype)
+        self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
+        self.table = np.zeros((vocab, 4 * hidden), dtype)
+        self.logits = np.zeros((steps * batch, vocab), dtype)
+        self.batch_rows = np.arange(batch, dtype=np.intp)
+        dropout = train and config.dropout > 0.0
+        # dropped[l] is the masked input of layer l (l >= 1); dropped[layers] the masked decoder input.
+        self.dropped = [None] + [
+            np.zeros((steps, batch, hidden), dtype) if dropout else None for _ in range(layers)
+        ]
+        if train:
+            self.ones = np.ones((batch, hidden), dtype)
+            self.d_h = np.zeros((batch, hidden), dtype)
+            self.d_c = np.zeros((batch, hidden), dtype)
+            self.d_hidden = np.zeros((steps, batch, hidden), dtype)
+            self.d_embedded = np.zeros((steps, batch, config.embed_dim), dtype)
+            self.d_table = np.zeros((vocab, 4 * hidden), dtype)
+            self.d_decoder = np.zeros((vocab, hidden), dtype) if config.tie_weights else None
+
+
+class LSTMLanguageModel:
+    """Embedding -> stacked LSTM -> decoder, with forward/backward over a window and streaming generation.
+
+    `params` are updated in place by the optimizer; `embedding_table` chooses when layer 0's input
+    projection is a lookup in the (V, 4H) table instead of a GEMM ("auto": when V <= T*B/2).
+    """
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 embedding_table: str = "auto"):
+        if embedding_table not in EMBEDDING_TABLE_MODES:
+            raise ConfigError(f"embedding_table must be one of {', '.join(EMBEDDING_TABLE_MODES)}")
+        ensure_threads_limited()
+        self.config = config
+        self.params = init_params(config, seed) if params is None else _checked_params(config, params)
+        self.embedding_table = embedding_table
+        self._dtype = np.dtype(config.dtype)
+        self._dropout_rng = np.random.default_rng(seed)
+        self._workspaces: dict[tuple[int, int, bool], _Workspace] = {}
+        self._saved: dict | None = None
+        self._grads: dict[str, np.ndarray] | None = None
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def zero_state(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        return np.zeros(shape, self._dtype), np.zeros(shape, self._dtype)
+
+    @property
+    def _decoder_weight(self) -> np.ndarray:
+        return self.params["embedding" if self.config.tie_weights else "decoder.weight"]
+
+    def _uses_table(self, n_tokens: int) -> bool:
+        if self.embedding_table == "auto":
+            return 2 * self.config.vocab_size <= n_tokens
+        return self.embedding_table == "always"
+
+    def _workspace(self, steps: int, batch: int, train: bool) -> _Workspace:
+        key = (steps, batch, train)
+        if key not in self._workspaces:
+            self._workspaces[key] = _Workspace(self.config, steps, batch, train)
+        return self._workspaces[key]
+
+    def _check_ids(self, ids, name: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"{name} must be a non-empty (T, B) integer array, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ConfigError(f"{name} holds ids outside the vocabulary of {self.config.vocab_size}")
+        return np.ascontiguousarray(ids, dtype=np.intp)
+
+    def _check_state(self, state, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if state is None:
+            return self.zero_state(batch)
+        shape = (self.config.num_layers, batch, self.config.hidden_size)
+        h0, c0 = (np.asarray(s) for s in state)
+        if h0.shape != shape or c0.shape != shape:
+            raise ConfigError(f"state must be two arrays of shape {shape}, got {h0.shape} and {c0.shape}")
+        return h0, c0
+
+    def _dropout_masks(self, batch: int, rng) -> list[np.ndarray | None]:
+        """Locked (variational) masks, one (B, H) per masked tensor, shared by all steps of the window."""
+        keep = 1.0 - self.config.dropout
+        shape = (batch, self.config.hidden_size)
+        return [None] + [
+            ((rng.random(shape) < keep) / keep).astype(self._dtype) for _ in range(self.config.num_layers)
+        ]
+
+    def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, use_table: bool) -> np.ndarray:
+        """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied."""
+        steps, batch = ids.shape
+        n_tokens = steps * batch
+        hidden = self.config.hidden_size
+        params = self.params
+        for layer in range(self.config.num_layers):
+            w_ih = params[f"lstm.{layer}.w_ih"]
+            w_hh_t = params[f"lstm.{layer}.w_hh"].T
+            bias = params[f"lstm.{layer}.bias"]
+            h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
+            h[0] = h0[layer]
+            c[0] = c0[layer]
+            if layer == 0 and use_table:
+                np.matmul(params["embedding"], w_ih.T, out=ws.table)
+                for t in range(steps):
+                    np.matmul(h[t], w_hh_t, out=acts[t])
+                    kernels.lstm_cell_forward(acts[t], ws.table, ids[t], acts[t], bias, c[t], c[t + 1], h[t + 1],
+                                              tanh_c[t])
+                continue
+            if layer == 0:
+                kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
+                inputs = ws.embedded
+            else:
+                inputs = self._layer_input(ws, layer, masks)
+            np.matmul(inputs.reshape(n_tokens, -1), w_ih.T, out=acts.reshape(n_tokens, 4 * hidden))
+            for t in range(steps):
+                np.matmul(h[t], w_hh_t, out=ws.recurrent)
+                kernels.lstm_cell_forward(acts[t], acts[t], ws.batch_rows, ws.recurrent, bias, c[t], c[t + 1],
+                                          h[t + 1], tanh_c[t])
+        return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
+
+    @staticmethod
+    def _layer_input(ws: _Workspace, layer: int, masks) -> np.ndarray:
+        """Input of `layer` (or of the decoder when layer == L): the layer below's outputs h[1:], masked."""
+        below = ws.h[layer - 1][1:]
+        if masks is None:
+            return below
+        return np.multiply(below, masks[layer], out=ws.dropped[layer])
+
+    def _final_state(self, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
+        return np.stack([h[-1] for h in ws.h]), np.stack([c[-1] for c in ws.c])
+
+    def forward(self, ids, targets, state=None, train: bool = False, rng: np.random.Generator | None = None):
+        """Mean cross-entropy (nats/token) of predicting `targets` from `ids`, both (T, B), starting from
+        `state` (None = zeros); returns (loss, final state). train=True applies dropout with masks from
+        `rng` and keeps what backward() needs."""
+        ids = self._check_ids(ids, "ids")
+        targets = self._check_ids(targets, "targets")
+        if targets.shape != ids.shape:
+            raise ConfigError(f"targets shape {targets.shape} differs from ids shape {ids.shape}")
+        steps, batch = ids.shape
+        n_tokens = steps * batch
+        h0, c0 = self._check_state(state, batch)
+        self._saved = None
+        ws = self._workspace(steps, batch, train)
+        masks = None
+        if train and self.config.dropout > 0.0:
+            masks = self._dropout_masks(batch, self._dropout_rng if rng is None else rng)
+        use_table = self._uses_table(n_tokens)
+        outputs = self._run_layers(ws, ids, h0, c0, masks, use_table)
+        np.matmul(outputs, self._decoder_weight.T, out=ws.logits)
+        bias = self.params["decoder.bias"]
+        flat_targets = targets.reshape(-1)
+        if train:
+            total = kernels.softmax_xent_forward_backward(ws.logits, bias, flat_targets, 1.0 / n_tokens)
+            self._saved = {"ws": ws, "ids": ids, "masks": masks, "use_table": use_table, "outputs": outputs}
+        else:
+            total = kernels.softmax_xent_forward(ws.logits, bias, flat_targets)
+        return float(total) / n_tokens, self._final_state(ws)
+
+    def backward(self) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Gradients of the last training forward's mean loss: every parameter and the incoming (h0, c0).
+
+        The returned arrays are reused: valid until the next forward call. Call once per forward."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a preceding forward(train=True)")
+        saved, self._saved = self._saved, None
+        ws, ids, masks, use_table = saved["ws"], saved["ids"], saved["masks"], saved["use_table"]
+        config, params = self.config, self.params
+        if self._grads is None:
+            self._grads = {name: np.zeros_like(p) for name, p in params.items()}
+        grads = self._grads
+        steps, batch = ids.shape
+        n_tokens = steps * batch
+        hidden = config.hidden_size
+        flat_ids = ids.reshape(-1)
+
+        d_logits = ws.logits
+        decoder_grad = ws.d_decoder if config.tie_weights else grads["decoder.weight"]
+        np.matmul(d_logits.T, saved["outputs"], out=decoder_grad)
+        np.sum(d_logits, axis=0, out=grads["decoder.bias"])
+        d_above = ws.d_hidden
+        np.matmul(d_logits, self._decoder_weight, out=d_above.reshape(n_tokens, hidden))
+
+        d_h0 = np.zeros((config.num_layers, batch, hidden), self._dtype)
+        d_c0 = np.zeros_like(d_h0)
+        for layer in reversed(range(config.num_layers)):
+            w_hh = params[f"lstm.{layer}.w_hh"]
+            w_ih = params[f"lstm.{layer}.w_ih"]
+            h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
+            mask = ws.ones if masks is None else masks[layer + 1]
+            ws.d_h.fill(0.0)
+            ws.d_c.fill(0.0)
+            for t in reversed(range(steps)):
+                kernels.lstm_cell_backward(acts[t], acts[t], ws.d_h, d_above[t], mask, c[t], tanh_c[t], ws.d_c)
+                np.matmul(acts[t], w_hh, out=ws.d_h)
+            d_h0[layer] = ws.d_h
+            d_c0[layer] = ws.d_c
+            d_gates = acts.reshape(n_tokens, 4 * hidden)
+            np.matmul(d_gates.T, h[:-1].reshape(n_tokens, hidden), out=grads[f"lstm.{layer}.w_hh"])
+            if layer == 0 and use_table:
+                ws.d_table.fill(0.0)
+                kernels.embedding_backward(ws.d_table, flat_ids, d_gates)
+                np.matmul(ws.d_table.T, params["embedding"], out=grads["lstm.0.w_ih"])
+                np.sum(ws.d_table, axis=0, out=grads["lstm.0.bias"])
+                np.matmul(ws.d_table, w_ih, out=grads["embedding"])
+                continue
+            np.sum(d_gates, axis=0, out=grads[f"lstm.{layer}.bias"])
+            if layer == 0:
+                np.matmul(d_gates.T, ws.embedded.reshape(n_tokens, -1), out=grads["lstm.0.w_ih"])
+                np.matmul(d_gates, w_ih, out=ws.d_embedded.reshape(n_tokens, -1))
+                grads["embedding"].fill(0.0)
+                kernels.embedding_backward(grads["embedding"], flat_ids, ws.d_embedded.reshape(n_tokens, -1))
+            else:
+                inputs = self._layer_input_saved(ws, layer, masks)
+                np.matmul(d_gates.T, inputs.reshape(n_tokens, hidden), out=grads[f"lstm.{layer}.w_ih"])
+                np.matmul(d_gates, w_ih, out=d_above.reshape(n_tokens, hidden))
+        if config.tie_weights:
+            grads["embedding"] += ws.d_decoder
+        return grads, (d_h0, d_c0)
+
+    @staticmethod
+    def _layer_input_saved(ws: _Workspace, layer: int, masks) -> np.ndarray:
+        """The input `layer` saw in the forward pass (masked copy kept in the workspace)."""
+        return ws.h[layer - 1][1:] if masks is None else ws.dropped[layer]
+
+    def logits(self, ids, state=None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Next-token logits (T, B, V) for a window of ids (T, B), no dropout; returns (logits, final state)."""
+        ids = self._check_ids(ids, "ids")
+        steps, batch = ids.shape
+        h0, c0 = self._check_state(state, batch)
+        self._saved = None
+        ws = self._workspace(steps, batch, False)
+        outputs = self._run_layers(ws, ids, h0, c0, None, self._uses_table(steps * batch))
+        logits = outputs @ self._decoder_weight.T
+        logits += self.params["decoder.bias"]
+        return logits.reshape(steps, batch, -1), self._final_state(ws)
+
+    def step(self, token_ids, state=None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """One step for a batch of B sequences (e.g. beams): token_ids (B,) -> (B, V) float64 log-softmax."""
+        token_ids = np.asarray(token_ids)
+        if token_ids.ndim != 1:
+            raise ConfigError(f"token_ids must be a (B,) array, got shape {token_ids.shape}")
+        logits, state = self.logits(token_ids[None, :], state)
+        z = logits[0].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return z, state
+
+    def generate_ids(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """Yield up to `max_new_tokens` sampled token ids one at a time, continuing `prompt_ids`.
+
+        temperature 0 = greedy; top_k (0 = off) and top_p (1 = off) restrict the support; the same seed
+        gives the same tokens. Each token is one compiled call through all layers, decoder and sampler."""
+        prompt = self._check_ids(np.asarray(prompt_ids).reshape(-1, 1), "prompt_ids")[:, 0]
+        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
+            raise ConfigError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+        return self._generate(prompt, max_new_tokens, float(temperature), int(top_k), float(top_p), seed)
+
+    def _generate(self, prompt: np.ndarray, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                  seed: int | None) -> Iterator[int]:
+        state = self.logits(prompt[:-1, None])[1] if prompt.size > 1 else self.zero_state(1)
+        h, c = (np.ascontiguousarray(s[:, 0]) for s in state)
+        weights = self._generation_weights(max_new_tokens)
+        hidden, vocab = self.config.hidden_size, self.config.vocab_size
+        gates = np.empty(4 * hidden, self._dtype)
+        logits = np.empty(vocab, self._dtype)
+        probs = np.empty(vocab, np.float64)
+        rng = np.random.default_rng(seed)
+        token = int(prompt[-1])
+        for _ in range(max_new_tokens):
+            token = int(kernels.generate_step(token, h, c, *weights, temperature, top_k, top_p, rng.random(),
+                                              gates, logits, probs))
+            yield token
+
+    def _generation_weights(self, max_new_tokens: int) -> tuple:
+        """Arguments for `kernels.generate_step`, built from the current params (the optimizer may have changed
+        them); the layer-0 table is worth its V*E*4H cost only when generating at least ~V tokens."""
+        params, layers = self.params, range(self.config.num_layers)
+        if self.config.vocab_size <= max_new_tokens:
+            table = params["embedding"] @ params["lstm.0.w_ih"].T
+        else:
+            table = np.zeros((0, 4 * self.config.hidden_size), self._dtype)
+        return (
+            params["embedding"],
+            table,
+            tuple(params[f"lstm.{layer}.w_ih"] for layer in layers),
+            tuple(params[f"lstm.{layer}.w_hh"] for layer in layers),
+            tuple(params[f"lstm.{layer}.bias"] for layer in layers),
+            self._decoder_weight,
+            params["decoder.bias"],
+        )
