@@ -1,0 +1,556 @@
+"""Speed benchmark: charlm against PyTorch on the same LSTM language models, interleaved step by step.
+
+    python benchmarks/bench_lstm.py                    # charlm only
+    python benchmarks/bench_lstm.py --vs-torch         # side by side, charlm/PyTorch ratios
+    python benchmarks/bench_lstm.py --vs-torch --json bench.json --configs char-512 --tasks train
+
+Tasks (medians of per-step times; warm-up repetitions discarded):
+  train     one truncated-BPTT window of (T, B) tokens: forward + backward + Adam step, state carried
+  eval      forward only (loss), B=32, T=128, state carried
+  generate  batch 1, one token at a time: every layer + decoder + softmax sampling, in ms/token
+
+The machine is shared and noisy, so both libraries run in the same process and take turns: each repetition
+runs one charlm step and one PyTorch step, alternating which goes first.
+
+FLOP accounting (nominal dense model FLOPs, the same for both libraries):
+  forward FLOPs/token = 2 * sum over layers of 4H * (In + H)  +  2 * H * V      (In = E for layer 0, else H)
+  training FLOPs/token = 3 * forward (forward + backward)
+The first layer's input projection is counted even though charlm replaces it by a table lookup: it is the
+same model, so the faster formulation shows up as a higher achieved rate. Achieved GFLOP/s = FLOPs/token *
+tokens/s; its share of peak divides by a float32 GEMM (numpy, 4096x576 @ 576x2048) timed in the same run at
+the same thread count, before and after the benchmark.
+
+Peak RSS is measured per (config, task, library) in a child process that loads only that library, so
+neither pollutes the other (VmHWM of the child; ru_maxrss would inherit the parent's peak across exec).
+
+Every ratio is "how many times better charlm is": > 1 means charlm wins (speed: faster; RSS: smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+TASKS = ("train", "eval", "generate")
+EVAL_SEQ_LEN = 128
+EVAL_BATCH = 32
+LEARNING_RATE = 1e-3
+GEMM_SHAPE = (4096, 576, 2048)
+
+# Issue 2 targets: the minimum charlm/PyTorch ratio per task, and the training share of GEMM peak.
+SPEED_TARGETS = {
+    ("char-256", "train"): 1.0,
+    ("char-512", "train"): 1.0,
+    ("bpe-512", "train"): 1.15,
+    ("char-256", "eval"): 1.0,
+    ("char-512", "eval"): 1.0,
+    ("bpe-512", "eval"): 1.0,
+    ("char-256", "generate"): 10.0,
+    ("char-512", "generate"): 10.0,
+    ("bpe-512", "generate"): 10.0,
+}
+TRAIN_PEAK_SHARE_TARGETS = {"char-512": 0.85}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One model shape and its training window (T steps of B parallel streams)."""
+
+    name: str
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int
+    seq_len: int
+    batch_size: int
+
+    def forward_flops_per_token(self) -> int:
+        recurrent = sum(
+            4 * self.hidden_size * ((self.embed_dim if layer == 0 else self.hidden_size) + self.hidden_size)
+            for layer in range(self.num_layers)
+        )
+        return 2 * recurrent + 2 * self.hidden_size * self.vocab_size
+
+    def flops_per_token(self, task: str) -> int:
+        return 3 * self.forward_flops_per_token() if task == "train" else self.forward_flops_per_token()
+
+
+NAMED_CONFIGS = {
+    c.name: c
+    for c in (
+        BenchConfig("char-256", 65, 64, 256, 2, 64, 32),
+        BenchConfig("char-512", 65, 128, 512, 2, 128, 32),
+        BenchConfig("bpe-512", 8000, 256, 512, 2, 64, 32),
+    )
+}
+SPEC_PATTERN = re.compile(r"V(\d+)-E(\d+)-H(\d+)-L(\d+)-T(\d+)-B(\d+)")
+
+
+def parse_config(name: str) -> BenchConfig:
+    """A named config, or an ad-hoc shape spelled like `V65-E16-H32-L2-T16-B4` (its own name)."""
+    if name in NAMED_CONFIGS:
+        return NAMED_CONFIGS[name]
+    match = SPEC_PATTERN.fullmatch(name)
+    if match is None:
+        raise ValueError(f"unknown config {name!r}: use one of {', '.join(NAMED_CONFIGS)} or V65-E16-H32-L2-T16-B4")
+    return BenchConfig(name, *(int(g) for g in match.groups()))
+
+
+@dataclass
+class Workload:
+    """Random token ids shared by both libraries, so they see exactly the same data."""
+
+    train_inputs: list[np.ndarray]
+    train_targets: list[np.ndarray]
+    eval_inputs: list[np.ndarray]
+    eval_targets: list[np.ndarray]
+    prompt: list[int]
+
+    @classmethod
+    def random(cls, config: BenchConfig, seed: int = 0, windows: int = 4) -> Workload:
+        rng = np.random.default_rng(seed)
+
+        def stream(seq_len: int, batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+            ids = rng.integers(0, config.vocab_size, size=(windows * seq_len + 1, batch), dtype=np.int32)
+            inputs = [ids[w * seq_len : (w + 1) * seq_len].copy() for w in range(windows)]
+            targets = [ids[w * seq_len + 1 : (w + 1) * seq_len + 1].copy() for w in range(windows)]
+            return inputs, targets
+
+        train_inputs, train_targets = stream(config.seq_len, config.batch_size)
+        eval_inputs, eval_targets = stream(EVAL_SEQ_LEN, EVAL_BATCH)
+        prompt = [int(t) for t in rng.integers(0, config.vocab_size, size=8)]
+        return cls(train_inputs, train_targets, eval_inputs, eval_targets, prompt)
+
+
+class CharlmRunner:
+    """charlm through its public API: forward/backward, AdamW, generate_ids."""
+
+    library = "charlm"
+
+    def __init__(self, config: BenchConfig, workload: Workload, dropout: float, gen_tokens: int) -> None:
+        from charlm.config import ModelConfig
+        from charlm.model import LSTMLanguageModel
+        from charlm.optim import AdamW
+
+        model_config = ModelConfig(
+            vocab_size=config.vocab_size,
+            embed_dim=config.embed_dim,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=dropout,
+        )
+        self.model = LSTMLanguageModel(model_config, seed=0)
+        self.optimizer = AdamW(self.model.params, lr=LEARNING_RATE)
+        self.workload = workload
+        self.gen_tokens = gen_tokens
+        self.rng = np.random.default_rng(0)
+        self.train_state = self.model.zero_state(config.batch_size)
+        self.eval_state = self.model.zero_state(EVAL_BATCH)
+        self.train_window = 0
+        self.eval_window = 0
+        self.gen_seed = 0
+
+    def train(self) -> float:
+        w = self.train_window % len(self.workload.train_inputs)
+        self.train_window += 1
+        start = time.perf_counter()
+        _, self.train_state = self.model.forward(
+            self.workload.train_inputs[w], self.workload.train_targets[w], self.train_state, train=True, rng=self.rng
+        )
+        grads, _ = self.model.backward()
+        self.optimizer.step(grads, LEARNING_RATE)
+        return time.perf_counter() - start
+
+    def eval(self) -> float:
+        w = self.eval_window % len(self.workload.eval_inputs)
+        self.eval_window += 1
+        start = time.perf_counter()
+        _, self.eval_state = self.model.forward(
+            self.workload.eval_inputs[w], self.workload.eval_targets[w], self.eval_state, train=False
+        )
+        return time.perf_counter() - start
+
+    def generate(self) -> float:
+        """Seconds for `gen_tokens` tokens after the first (which also reads the prompt)."""
+        self.gen_seed += 1
+        tokens = self.model.generate_ids(
+            np.asarray(self.workload.prompt, dtype=np.int32), self.gen_tokens + 1, temperature=1.0, seed=self.gen_seed
+        )
+        next(tokens)
+        start = time.perf_counter()
+        for _ in tokens:
+            pass
+        return time.perf_counter() - start
+
+
+class TorchRunner:
+    """The same model as PyTorch users write it: nn.Embedding + nn.LSTM + dropout + nn.Linear, Adam."""
+
+    library = "torch"
+
+    def __init__(self, config: BenchConfig, workload: Workload, dropout: float, gen_tokens: int) -> None:
+        # Imported here so the charlm side (and its RSS child) never loads torch.
+        import torch
+        from torch import nn
+
+        self.torch = torch
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.lstm = nn.LSTM(config.embed_dim, config.hidden_size, num_layers=config.num_layers, dropout=dropout)
+        self.output_dropout = nn.Dropout(dropout)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.modules = (self.embedding, self.lstm, self.output_dropout, self.decoder)
+        self.optimizer = torch.optim.Adam(
+            [p for m in self.modules for p in m.parameters()], lr=LEARNING_RATE
+        )
+        self.config = config
+        self.gen_tokens = gen_tokens
+        self.train_inputs = [torch.from_numpy(x).long() for x in workload.train_inputs]
+        self.train_targets = [torch.from_numpy(y).long().reshape(-1) for y in workload.train_targets]
+        self.eval_inputs = [torch.from_numpy(x).long() for x in workload.eval_inputs]
+        self.eval_targets = [torch.from_numpy(y).long().reshape(-1) for y in workload.eval_targets]
+        self.prompt = torch.tensor(workload.prompt, dtype=torch.long).reshape(-1, 1)
+        self.train_state = None
+        self.eval_state = None
+        self.train_window = 0
+        self.eval_window = 0
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _set_training(self, training: bool) -> None:
+        for module in self.modules:
+            module.train(training)
+
+    def _loss(self, inputs, targets, state):
+        output, state = self.lstm(self.embedding(inputs), state)
+        logits = self.decoder(self.output_dropout(output))
+        return self.torch.nn.functional.cross_entropy(logits.reshape(-1, self.config.vocab_size), targets), state
+
+    def train(self) -> float:
+        w = self.train_window % len(self.train_inputs)
+        self.train_window += 1
+        self._set_training(True)
+        start = time.perf_counter()
+        state = None if self.train_state is None else tuple(s.detach() for s in self.train_state)
+        loss, self.train_state = self._loss(self.train_inputs[w], self.train_targets[w], state)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        loss.item()
+        return time.perf_counter() - start
+
+    def eval(self) -> float:
+        w = self.eval_window % len(self.eval_inputs)
+        self.eval_window += 1
+        self._set_training(False)
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            loss, self.eval_state = self._loss(self.eval_inputs[w], self.eval_targets[w], self.eval_state)
+            loss.item()
+        return time.perf_counter() - start
+
+    def generate(self) -> float:
+        """char-rnn style sampling: embed -> LSTM step -> linear -> softmax -> multinomial, hidden carried."""
+        torch = self.torch
+        self._set_training(False)
+        with torch.inference_mode():
+            output, state = self.lstm(self.embedding(self.prompt), None)
+            token = self._sample(output[-1])
+            start = time.perf_counter()
+            for _ in range(self.gen_tokens):
+                output, state = self.lstm(self.embedding(token), state)
+                token = self._sample(output[-1])
+            return time.perf_counter() - start
+
+    def _sample(self, hidden):
+        probs = self.torch.softmax(self.decoder(hidden), dim=-1)
+        token = self.torch.multinomial(probs, 1, generator=self.generator)
+        int(token)
+        return token
+
+
+RUNNERS = {"charlm": CharlmRunner, "torch": TorchRunner}
+
+
+def task_tokens(config: BenchConfig, task: str, gen_tokens: int) -> int:
+    if task == "train":
+        return config.seq_len * config.batch_size
+    if task == "eval":
+        return EVAL_SEQ_LEN * EVAL_BATCH
+    return gen_tokens
+
+
+def time_interleaved(runners: list, task: str, reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of `task` for each runner; each repetition alternates who goes first."""
+    times: dict[str, list[float]] = {r.library: [] for r in runners}
+    for rep in range(warmup + reps):
+        for runner in runners if rep % 2 == 0 else runners[::-1]:
+            elapsed = getattr(runner, task)()
+            if rep >= warmup:
+                times[runner.library].append(elapsed)
+    return {library: statistics.median(t) for library, t in times.items()}
+
+
+def measure_gemm_peak(reps: int = 7) -> list[float]:
+    """GFLOP/s of numpy float32 4096x576 @ 576x2048, one figure per repetition (after two warm-ups)."""
+    m, k, n = GEMM_SHAPE
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    out = np.empty((m, n), dtype=np.float32)
+    rates = []
+    for rep in range(reps + 2):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        elapsed = time.perf_counter() - start
+        if rep >= 2:
+            rates.append(2 * m * k * n / elapsed / 1e9)
+    return rates
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM), not inherited from the parent that spawned it."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_rss_child(spec: str, args: argparse.Namespace) -> None:
+    """Child-process entry: run one library's task a few times and print its peak RSS as JSON."""
+    library, config_name, task = spec.split(":")
+    if library == "charlm":
+        from charlm.runtime import limit_threads
+
+        limit_threads(args.threads)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = parse_config(config_name)
+    runner = RUNNERS[library](config, Workload.random(config), args.dropout, args.gen_tokens)
+    for _ in range(3):
+        getattr(runner, task)()
+    if library == "charlm" and "torch" in sys.modules:
+        raise RuntimeError("the charlm side imported torch")
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def measure_peak_rss(library: str, config: BenchConfig, task: str, args: argparse.Namespace) -> float:
+    command = [
+        sys.executable, os.path.abspath(__file__), "--rss-child", f"{library}:{config.name}:{task}",
+        "--threads", str(args.threads), "--dropout", str(args.dropout), "--gen-tokens", str(args.gen_tokens),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"peak-RSS child for {library} {config.name} {task} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def ratio(charlm: float | None, torch: float | None, higher_is_better: bool) -> float | None:
+    if charlm is None or torch is None:
+        return None
+    return charlm / torch if higher_is_better else torch / charlm
+
+
+def record(config: str, task: str, metric: str, unit: str, charlm, torch, higher_is_better: bool) -> dict:
+    return {
+        "config": config, "task": task, "metric": metric, "charlm": charlm, "torch": torch, "unit": unit,
+        "ratio": ratio(charlm, torch, higher_is_better),
+    }
+
+
+@dataclass
+class TaskResult:
+    """Raw measurements of one (config, task): median seconds per call and peak RSS, per library."""
+
+    config: BenchConfig
+    task: str
+    seconds: dict[str, float]
+    peak_rss: dict[str, float]
+
+    def records(self, gen_tokens: int, gemm_peak: float) -> list[dict]:
+        """Speed, achieved GFLOP/s, share of the GEMM peak and peak RSS, as JSON-able records."""
+        name, task = self.config.name, self.task
+        tokens = task_tokens(self.config, task, gen_tokens)
+        if task == "generate":
+            speed = {lib: 1e3 * s / tokens for lib, s in self.seconds.items()}
+            speed_record = record(name, task, "speed", "ms/token", speed["charlm"], speed.get("torch"), False)
+        else:
+            speed = {lib: tokens / s for lib, s in self.seconds.items()}
+            speed_record = record(name, task, "speed", "tokens/s", speed["charlm"], speed.get("torch"), True)
+        gflops = {lib: self.config.flops_per_token(task) * tokens / s / 1e9 for lib, s in self.seconds.items()}
+        share = {lib: g / gemm_peak for lib, g in gflops.items()}
+        return [
+            speed_record,
+            record(name, task, "gflops", "GFLOP/s", gflops["charlm"], gflops.get("torch"), True),
+            record(name, task, "peak_share", "fraction of GEMM peak", share["charlm"], share.get("torch"), True),
+            record(name, task, "peak_rss", "MiB", self.peak_rss["charlm"], self.peak_rss.get("torch"), False),
+        ]
+
+
+def benchmark_config(config: BenchConfig, args: argparse.Namespace) -> list[TaskResult]:
+    """Time every task of one config, interleaving the libraries, then measure each one's peak RSS alone."""
+    workload = Workload.random(config)
+    libraries = ["charlm", "torch"] if args.vs_torch else ["charlm"]
+    runners = [RUNNERS[lib](config, workload, args.dropout, args.gen_tokens) for lib in libraries]
+    seconds = {task: time_interleaved(runners, task, args.reps, args.warmup) for task in args.tasks}
+    del runners
+    return [
+        TaskResult(config, task, seconds[task], {lib: measure_peak_rss(lib, config, task, args) for lib in libraries})
+        for task in args.tasks
+    ]
+
+
+def environment(args: argparse.Namespace) -> dict:
+    import numba
+    from threadpoolctl import threadpool_info
+
+    blas = [
+        f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels, {i['num_threads']} threads)"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    env = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": "; ".join(blas),
+        "numba": numba.__version__,
+        "dropout": args.dropout,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "gen_tokens": args.gen_tokens,
+    }
+    if args.vs_torch:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    return env
+
+
+def format_number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def target_verdict(config: str, task: str, speed_ratio: float | None, charlm_share: float) -> str:
+    """The issue-2 targets that apply to this row, each marked ok/MISS."""
+    verdicts = []
+    target = SPEED_TARGETS.get((config, task))
+    if target is not None and speed_ratio is not None:
+        verdicts.append(f">={target:g}x {'ok' if speed_ratio >= target else 'MISS'}")
+    share_target = TRAIN_PEAK_SHARE_TARGETS.get(config)
+    if task == "train" and share_target is not None:
+        verdicts.append(f">={share_target:.0%} peak {'ok' if charlm_share >= share_target else 'MISS'}")
+    return ", ".join(verdicts)
+
+
+def format_table(records: list[dict]) -> str:
+    by_key = {(r["config"], r["task"], r["metric"]): r for r in records}
+    header = (
+        "config", "task", "charlm", "torch", "unit", "ratio",
+        "charlm GFLOP/s (peak)", "torch GFLOP/s (peak)", "RSS MiB charlm/torch", "target",
+    )
+    rows = [header]
+    for r in records:
+        if r["metric"] != "speed":
+            continue
+        key = (r["config"], r["task"])
+        gflops, share, rss = (by_key[key + (m,)] for m in ("gflops", "peak_share", "peak_rss"))
+        rows.append((
+            r["config"], r["task"], format_number(r["charlm"]), format_number(r["torch"]), r["unit"],
+            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+            f"{gflops['charlm']:.1f} ({share['charlm']:.0%})",
+            "-" if gflops["torch"] is None else f"{gflops['torch']:.1f} ({share['torch']:.0%})",
+            f"{rss['charlm']:.0f} / {format_number(rss['torch'])}",
+            target_verdict(r["config"], r["task"], r["ratio"], share["charlm"]),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=",".join(NAMED_CONFIGS),
+                        help=f"comma-separated: {', '.join(NAMED_CONFIGS)} or a shape like V65-E16-H32-L2-T16-B4")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of train,eval,generate")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per task (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (JIT, caches)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for charlm, PyTorch and the GEMM peak")
+    parser.add_argument("--dropout", type=float, default=0.0, help="same dropout on both sides")
+    parser.add_argument("--gen-tokens", type=int, default=200, help="tokens timed per generation repetition")
+    parser.add_argument("--vs-torch", action="store_true", help="run the same models in PyTorch, interleaved")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON records")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown or not args.tasks:
+        parser.error(f"--tasks must be a subset of {','.join(TASKS)}, got {','.join(unknown) or 'nothing'}")
+    try:
+        args.configs = [parse_config(name) for name in args.configs.split(",") if name]
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name in ("reps", "threads", "gen_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.rss_child:
+        run_rss_child(args.rss_child, args)
+        return
+    if args.vs_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from charlm.runtime import limit_threads
+
+    limit_threads(args.threads)
+    gemm_rates = measure_gemm_peak()
+    results = [result for config in args.configs for result in benchmark_config(config, args)]
+    gemm_rates += measure_gemm_peak()
+    gemm_peak = statistics.median(gemm_rates)
+    records = [r for result in results for r in result.records(args.gen_tokens, gemm_peak)]
+    env = environment(args)
+    print(", ".join(f"{k}: {v}" for k, v in env.items()))
+    print(f"float32 GEMM peak ({'x'.join(map(str, GEMM_SHAPE))}, numpy, {args.threads} threads, median of "
+          f"{len(gemm_rates)} before+after): {gemm_peak:.1f} GFLOP/s")
+    print(f"dropout {args.dropout:g} on both sides; medians of {args.reps} interleaved reps after {args.warmup} "
+          f"warm-up; ratio > 1 = charlm better")
+    print(format_table(records))
+    if args.json:
+        payload = {"environment": env, "gemm_peak_gflops": gemm_peak, "records": records}
+        with open(args.json, "w") as out:
+            json.dump(payload, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
