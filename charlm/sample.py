@@ -13,6 +13,7 @@ from charlm.errors import ConfigError, TokenizerError
 
 BLANK = "___"
 MAX_FILLER_CHARS = 20
+SPELLS_NOTHING = -2  # a token's boundary position when it can neither extend nor end a word
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ def _stream(model, tokenizer, prompt, prompt_ids, length, temperature, top_k, to
         chunk = decoder.step(int(token))
         if chunk:
             yield chunk
+    tail = decoder.finish()
+    if tail:
+        yield tail
 
 
 def complete(model, tokenizer, text_with_blank: str, top: int = 5, beam_width: int = 16,
@@ -117,7 +121,9 @@ class _BlankSearch:
         self.lead = before[len(context):]
         self.context_ids = tokenizer.encode(context, unknown=unknown) if context else start_ids(tokenizer)
         self.token_texts = [tokenizer.decode(np.array([i], dtype=np.int32)) for i in range(tokenizer.vocab_size)]
-        cuts = np.array([_first_boundary(text) if text else 0 for text in self.token_texts])
+        cuts = np.array([_first_boundary(text) if text else SPELLS_NOTHING for text in self.token_texts])
+        if tokenizer.unk_id is not None:
+            cuts[tokenizer.unk_id] = SPELLS_NOTHING  # could stand for a letter or a space: neither word nor end
         self.word_only = cuts == -1
         self.boundary_first = cuts == 0
         self.word_then_boundary = cuts > 0
