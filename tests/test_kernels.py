@@ -1,0 +1,132 @@
+"""Kernels against numpy formulas, and the batch-1 generation kernel against model.step."""
+
+import numpy as np
+import pytest
+
+from charlm import kernels
+from charlm.config import ModelConfig
+from charlm.errors import ConfigError
+from charlm.model import LSTMLanguageModel
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_update_matches_formula(dtype):
+    rng = np.random.default_rng(0)
+    param = rng.normal(size=(5, 7)).astype(dtype)
+    m = rng.normal(size=(5, 7)).astype(dtype)
+    v = rng.random((5, 7)).astype(dtype)
+    grad = rng.normal(size=(5, 7)).astype(dtype)
+    lr, b1, b2, eps, wd, step = 0.01, 0.9, 0.99, 1e-8, 0.1, 3
+    expected_m = b1 * m + (1 - b1) * grad
+    expected_v = b2 * v + (1 - b2) * grad**2
+    m_hat = expected_m / (1 - b1**step)
+    v_hat = expected_v / (1 - b2**step)
+    expected = param * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps)
+    kernels.adamw_update(param, grad, m, v, lr, b1, b2, eps, wd, step)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(m, expected_m, rtol=rtol)
+    np.testing.assert_allclose(v, expected_v, rtol=rtol)
+    np.testing.assert_allclose(param, expected, rtol=rtol)
+    with pytest.raises(ValueError):
+        kernels.adamw_update(param.T, grad.T, m.T, v.T, lr, b1, b2, eps, wd, step)
+
+
+def test_sum_of_squares_accumulates_in_float64():
+    grad = np.full((1000, 1000), 0.1, np.float32)
+    assert kernels.sum_of_squares(grad) == pytest.approx(1e6 * float(np.float32(0.1)) ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_xent_is_stable_and_matches_numpy(dtype):
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(6, 9)) * 3).astype(dtype)
+    logits[0, 2] = 1e4  # huge logits must not overflow
+    logits[1] = -1e4
+    bias = rng.normal(size=9).astype(dtype)
+    targets = np.array([2, 0, 8, 3, 3, 5])
+    z = (logits + bias).astype(np.float64)  # the kernel adds the bias in the input dtype
+    log_probs = z - z.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    expected_loss = -log_probs[np.arange(6), targets].sum()
+    expected_grad = np.exp(log_probs)
+    expected_grad[np.arange(6), targets] -= 1
+    expected_grad /= 6
+    assert kernels.softmax_xent_forward(logits, bias, targets) == pytest.approx(expected_loss, rel=1e-5)
+    total = kernels.softmax_xent_forward_backward(logits, bias, targets, 1.0 / 6)
+    assert np.isfinite(total) and total == pytest.approx(expected_loss, rel=1e-5)
+    np.testing.assert_allclose(logits, expected_grad, atol=1e-6)
+
+
+def test_embedding_forward_and_backward_with_repeated_ids():
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(5, 130))
+    ids = np.array([4, 0, 4, 4, 2, 0])
+    rows = np.empty((6, 130))
+    kernels.embedding_forward(table, ids, rows)
+    np.testing.assert_array_equal(rows, table[ids])
+    d_rows = rng.normal(size=(6, 130))
+    d_table = np.ones((5, 130))
+    kernels.embedding_backward(d_table, ids, d_rows)
+    expected = np.ones((5, 130))
+    np.add.at(expected, ids, d_rows)
+    np.testing.assert_allclose(d_table, expected, rtol=1e-13)
+
+
+@pytest.fixture(scope="module", params=["small_vocab", "table"])
+def model(request):
+    config = ModelConfig(vocab_size=13, embed_dim=6, hidden_size=10, num_layers=2, dtype="float64")
+    model = LSTMLanguageModel(config, seed=8)
+    for value in model.params.values():
+        value *= 4.0  # sharper distributions, so the sampling tests restrict something
+    model.generation_tokens = 20 if request.param == "table" else 5
+    return model
+
+
+def replay(model, prompt, generated):
+    """log-probs (len(generated), V) the model assigns before each generated token, via model.step."""
+    state = model.zero_state(1)
+    for token in prompt[:-1]:
+        _, state = model.step(np.array([token]), state)
+    out, token = [], prompt[-1]
+    for next_token in generated:
+        log_probs, state = model.step(np.array([token]), state)
+        out.append(log_probs[0])
+        token = next_token
+    return np.array(out)
+
+
+def test_greedy_generation_is_argmax_of_step(model):
+    prompt = [1, 5, 2]
+    generated = list(model.generate_ids(prompt, model.generation_tokens, temperature=0.0))
+    assert len(generated) == model.generation_tokens
+    np.testing.assert_array_equal(generated, replay(model, prompt, generated).argmax(axis=1))
+    assert list(model.generate_ids(prompt, model.generation_tokens, temperature=1.0, top_k=1, seed=3)) == generated
+
+
+def test_same_seed_same_tokens(model):
+    run = lambda seed: list(model.generate_ids([4], model.generation_tokens, temperature=1.0, seed=seed))
+    assert run(7) == run(7)
+    assert any(run(7) != run(seed) for seed in range(8, 12))
+
+
+def test_top_k_and_top_p_restrict_the_support(model):
+    prompt = [0, 3]
+    for seed in range(4):
+        generated = list(model.generate_ids(prompt, model.generation_tokens, top_k=3, seed=seed))
+        log_probs = replay(model, prompt, generated)
+        ranks = (log_probs > log_probs[np.arange(len(generated)), generated][:, None]).sum(axis=1)
+        assert ranks.max() < 3
+        generated = list(model.generate_ids(prompt, model.generation_tokens, top_p=0.5, seed=seed))
+        probs = np.exp(replay(model, prompt, generated))
+        for row, token in zip(probs, generated):
+            mass_above = row[row > row[token]].sum()
+            assert mass_above < 0.5  # the token is inside the smallest set holding half the mass
+
+
+def test_generation_arguments_are_checked(model):
+    with pytest.raises(ConfigError):
+        model.generate_ids([], 3)
+    with pytest.raises(ConfigError):
+        model.generate_ids([1], 3, top_p=0.0)
+    with pytest.raises(ConfigError):
+        model.generate_ids([99], 3)
