@@ -1,0 +1,258 @@
+"""The `charlm` command: train, generate, complete, eval, info.
+
+Thin on purpose: each command parses its flags, builds the library's config objects and calls the same
+functions a notebook would (`charlm.train.train`, `charlm.sample.generate_text`, ...). Errors a user can
+cause arrive as CharlmError and leave as `error: <message>` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+
+import click
+
+from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint
+from charlm.corpus import resolve_corpus
+from charlm.errors import CharlmError, ConfigError, CorpusError
+from charlm.evaluate import evaluate
+from charlm.optim import SCHEDULES
+from charlm.sample import complete as complete_blank
+from charlm.sample import generate_text, validate_sampling
+from charlm.train import (ENCODING_ERRORS, TOKENIZERS, TrainConfig, load_recipe, merge_options,
+                          saved_train_config)
+from charlm.train import train as run_training
+
+UNKNOWN_POLICIES = ("error", "replace")
+SPLITS = ("train", "valid", "test")
+EXIT_USER_ERROR = 2
+EXIT_SIGNAL_BASE = 128
+
+
+class UserError(click.ClickException):
+    """A CharlmError on its way out: one line, no traceback, exit 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class CharlmGroup(click.Group):
+    """Turns CharlmError into `error: ...` / exit 2 and Ctrl-C outside training into a quiet exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CharlmError as exc:
+            raise UserError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            raise click.exceptions.Exit(EXIT_SIGNAL_BASE + 2) from None
+
+
+@click.group(cls=CharlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate."""
+
+
+# Flag name -> TrainConfig field for the options whose names differ.
+TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "embed_dim", "warmup": "warmup_steps"}
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML recipe (e.g. configs/tinyshakespeare.toml); flags override it.")
+@click.option("--corpus", help="Registered corpus name or a path to a text file or folder.")
+@click.option("--out", help="Run folder for last/, best/ and metrics.jsonl.")
+@click.option("--tokenizer", type=click.Choice(TOKENIZERS), help="Token unit [default: char].")
+@click.option("--vocab-size", type=int, help="Vocabulary size cap (bpe: merges target).")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS),
+              help="Non-UTF-8 corpus bytes: fail, or replace with U+FFFD [default: strict].")
+@click.option("--valid-fraction", type=float, help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
+@click.option("--layers", type=int, help="LSTM layers [default: 2].")
+@click.option("--hidden", type=int, help="Hidden units per layer [default: 512].")
+@click.option("--embed", type=int, help="Embedding size [default: 128].")
+@click.option("--dropout", type=float, help="Dropout probability [default: 0.2].")
+@click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Parameter dtype [default: float32].")
+@click.option("--seq-len", type=int, help="Truncated-BPTT window T [default: 128].")
+@click.option("--batch-size", type=int, help="Parallel streams B [default: 32].")
+@click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T.")
+@click.option("--lr", type=float, help="Peak learning rate [default: 2e-3].")
+@click.option("--weight-decay", type=float, help="AdamW decoupled weight decay on matrices [default: 0.01].")
+@click.option("--clip", type=float, help="Global gradient-norm clip, 0 = off [default: 1.0].")
+@click.option("--warmup", type=int, help="Linear warm-up steps [default: 100].")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help="Decay after warm-up [default: cosine].")
+@click.option("--epochs", type=int, help="Stop after this many passes over the training split.")
+@click.option("--max-steps", type=int, help="Stop after this many steps.")
+@click.option("--time-budget", type=float, metavar="MIN",
+              help="Stop cleanly after this many minutes [default when no stop flag: 30].")
+@click.option("--eval-every", type=int, help="Validate every N steps [default: 200].")
+@click.option("--checkpoint-every", type=int, help="Save last/ every N steps [default: 200].")
+@click.option("--log-every", type=int, help="Write a train line to metrics.jsonl every N steps [default: 10].")
+@click.option("--seed", type=int, help="Seed for weights, dropout and data order [default: 0].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--force", is_flag=True, help="Replace a run already in --out.")
+def train(config_file, resume, force, **flags) -> None:
+    """Train an LSTM language model on a corpus."""
+    explicit = {TRAIN_FLAG_FIELDS.get(name, name): value for name, value in flags.items() if value is not None}
+    recipe = load_recipe(config_file) if config_file else {}
+    out = explicit.get("out", recipe.get("out"))
+    saved = (saved_train_config(out) or {}) if resume and out else {}
+    config = TrainConfig.from_dict(merge_options(saved, recipe, explicit))
+    result = run_training(config, resume=resume, force=force)
+    if result.signal_number is not None:
+        click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
+                   f"resume with: charlm train --out {shlex.quote(str(result.out))} --resume", err=True)
+        sys.exit(EXIT_SIGNAL_BASE + result.signal_number)
+
+
+def _unknown_option():
+    return click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default="error", show_default=True,
+                        help="Prompt characters/words outside the vocabulary: fail, or map to the unknown token.")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--prompt", default="", help="Text to continue (printed first).")
+@click.option("--length", default=500, show_default=True, help="Tokens to sample.")
+@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1]; 1 = off.")
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--num-samples", default=1, show_default=True, help="Independent samples (seed, seed+1, ...).")
+@_unknown_option()
+def generate(checkpoint, prompt, length, temperature, top_k, top_p, seed, num_samples, unknown) -> None:
+    """Stream text sampled from CHECKPOINT (a run folder or a checkpoint folder)."""
+    validate_sampling(length, temperature, top_k, top_p)
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    model, tokenizer, _ = load_model(checkpoint)
+    for index in range(num_samples):
+        if index:
+            click.echo("\n" + "-" * 40)
+        sample_seed = None if seed is None else seed + index
+        chunks = generate_text(model, tokenizer, prompt, length=length, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=sample_seed, unknown=unknown)
+        for chunk in chunks:
+            click.echo(chunk, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.argument("text")
+@click.option("--top", default=5, show_default=True, help="How many fillers to list.")
+@click.option("--beam-width", default=16, show_default=True, help="Hypotheses kept per search step.")
+@click.option("--json", "as_json", is_flag=True, help='Print a JSON list of {"text", "prob"}, best first.')
+@_unknown_option()
+def complete(checkpoint, text, top, beam_width, as_json, unknown) -> None:
+    """Rank the likeliest words for the blank ___ in TEXT, e.g. "I love machine ___"."""
+    if top < 1 or beam_width < 1:
+        raise ConfigError(f"--top and --beam-width must be at least 1, got {top} and {beam_width}")
+    model, tokenizer, _ = load_model(checkpoint)
+    completions = complete_blank(model, tokenizer, text, top=top, beam_width=beam_width, unknown=unknown)
+    if as_json:
+        click.echo(json.dumps([{"text": c.text, "prob": c.prob} for c in completions], ensure_ascii=False))
+        return
+    width = max((len(repr(c.text)) for c in completions), default=0)
+    for rank, c in enumerate(completions, start=1):
+        click.echo(f"{rank:>2}. {repr(c.text):<{width}}  {c.prob:.4g}")
+
+
+@cli.command("eval")
+@click.argument("checkpoint")
+@click.option("--corpus", help="Corpus name or path [default: the one the checkpoint was trained on].")
+@click.option("--split", type=click.Choice(SPLITS),
+              help="Split to score [default: test, or valid when the corpus has no test split].")
+@click.option("--batch-size", default=16, show_default=True, help="Parallel streams.")
+@click.option("--seq-len", default=256, show_default=True, help="Window length (the state is carried across).")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict", show_default=True,
+              help="Non-UTF-8 corpus bytes: fail, or replace with U+FFFD.")
+@click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default="error", show_default=True,
+              help="Text outside the vocabulary: fail, or map to the unknown token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors, unknown, as_json) -> None:
+    """Loss (nats/token), perplexity and bits per character of CHECKPOINT on a corpus split."""
+    if batch_size < 1 or seq_len < 1:
+        raise ConfigError(f"--batch-size and --seq-len must be positive, got {batch_size} and {seq_len}")
+    model, tokenizer, ckpt = load_model(checkpoint)
+    trained_on = ckpt.train_config or {}
+    corpus = corpus or trained_on.get("corpus")
+    if corpus is None:
+        raise ConfigError("the checkpoint does not record its corpus; pass --corpus")
+    splits = resolve_corpus(corpus, valid_fraction=trained_on.get("valid_fraction"), errors=encoding_errors)
+    split = split or ("test" if splits.test is not None else "valid")
+    text = getattr(splits, split)
+    if text is None:
+        raise CorpusError(f"corpus {splits.name!r} has no {split} split; try --split valid")
+    result = evaluate(model, tokenizer, text, batch_size=batch_size, seq_len=seq_len, unknown=unknown)
+    if as_json:
+        doc = {"checkpoint": str(ckpt.folder), "corpus": splits.name, "split": split, **result.to_dict()}
+        click.echo(json.dumps({k: _finite_or_none(v) for k, v in doc.items()}, allow_nan=False))
+        return
+    click.echo(f"{splits.name} ({split}): {result.tokens:,} tokens, {result.chars:,} characters")
+    click.echo(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.2f} | "
+               f"{result.bits_per_char:.4f} bits/char")
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(checkpoint, as_json) -> None:
+    """Config, parameter count, training steps and best validation loss of CHECKPOINT."""
+    folder = resolve_checkpoint(checkpoint)
+    ckpt = load_checkpoint(folder)
+    state = ckpt.trainer_state
+    doc = {
+        "checkpoint": str(folder),
+        "parameters": int(sum(p.size for p in ckpt.params.values())),
+        "model": ckpt.model_config.to_dict(),
+        "tokenizer": ckpt.tokenizer.kind,
+        "step": state.get("step"),
+        "epoch": state.get("epoch"),
+        "tokens_seen": state.get("tokens_seen"),
+        "best_val_loss": state.get("best_val_loss"),
+        "best_step": state.get("best_step"),
+        "train": ckpt.train_config,
+    }
+    last = folder.parent / "last"
+    if folder.name == "best" and last.is_dir():
+        doc["run_steps"] = load_checkpoint(last).trainer_state.get("step")
+    if as_json:
+        click.echo(json.dumps(doc, allow_nan=False))
+        return
+    model = doc["model"]
+    click.echo(f"checkpoint   {doc['checkpoint']}")
+    click.echo(f"model        {model['num_layers']}x{model['hidden_size']} LSTM, embed {model['embed_dim']}, "
+               f"{doc['tokenizer']} vocab {model['vocab_size']}, dropout {model['dropout']}, "
+               f"tied {model['tie_weights']}, {model['dtype']}")
+    click.echo(f"parameters   {doc['parameters']:,}")
+    steps = f"{doc['step']}" + (f" (run trained to step {doc['run_steps']})" if "run_steps" in doc else "")
+    click.echo(f"step         {steps}, epoch {doc['epoch']}, {doc['tokens_seen'] or 0:,} tokens seen")
+    best = doc["best_val_loss"]
+    click.echo("best val     " + (f"{best:.4f} nats/token (ppl {math.exp(best):.2f}) at step {doc['best_step']}"
+                                  if best is not None else "none yet"))
+    if ckpt.train_config:
+        click.echo("train config " + ", ".join(f"{k}={v}" for k, v in ckpt.train_config.items() if v is not None))
+
+
+def main() -> None:
+    """Console entry point; a closed stdout (`charlm generate ... | head`) ends quietly."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        cli(prog_name="charlm")
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_SIGNAL_BASE + 13)

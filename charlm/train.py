@@ -1,0 +1,662 @@
+"""The training loop: corpus -> tokenizer -> ids -> windows -> model -> AdamW -> checkpoints and metrics.jsonl.
+
+Exact resume: everything the next step depends on -- weights, Adam moments, step count, data cursor,
+dropout RNG, the hidden state carried between windows and the half-filled loss average of the log --
+goes into every checkpoint, so a run stopped anywhere and resumed with `resume=True` ends with the same
+weights and the same metrics log (apart from the timing fields) as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from charlm.config import ModelConfig
+from charlm.corpus import resolve_corpus
+from charlm.data import BatchStream, encode_cached
+from charlm.errors import CharlmError, ConfigError, CorpusError
+from charlm.evaluate import evaluate_ids, predicted_chars
+from charlm.model import LSTMLanguageModel
+from charlm.optim import SCHEDULES, AdamW, PlateauDecay, clip_grad_norm, learning_rate
+from charlm.runtime import ensure_threads_limited
+from charlm.tokenize import Tokenizer, train_tokenizer
+
+TOKENIZERS = ("char", "word", "bpe")
+ENCODING_ERRORS = ("strict", "replace")
+DEFAULT_TIME_BUDGET_MINUTES = 30.0
+MAX_CONSECUTIVE_NONFINITE = 5
+METRICS_FILE = "metrics.jsonl"
+# Fields of metrics.jsonl that measure the machine, not the run: they differ between identical runs.
+VOLATILE_METRIC_KEYS = ("time", "elapsed", "tok_per_s", "gflop_per_s")
+STOP_KEYS = ("epochs", "max_steps", "time_budget")
+# Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
+FROZEN_ON_RESUME = (
+    "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "tie_weights", "dtype",
+    "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length", "seed",
+)
+# Fields whose command-line flag is not simply the field name with dashes.
+FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
+DROPOUT_RNG_STREAM = 1
+
+
+class TrainingDiverged(CharlmError):
+    """The loss or the gradients stayed non-finite: continuing would only burn time."""
+
+
+def flag(field: str) -> str:
+    """The command-line spelling of a TrainConfig field, for error messages."""
+    return "--" + FLAG_NAMES.get(field, field).replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training option; the CLI flags and the TOML recipes map onto these fields one to one.
+
+    The run stops at the first of `epochs`, `max_steps` and `time_budget` (minutes) that is reached;
+    with none of them it stops after DEFAULT_TIME_BUDGET_MINUTES. The cosine schedule decays over the
+    step count when there is one, else over the time budget.
+    """
+
+    corpus: str
+    out: str
+    tokenizer: str = "char"
+    vocab_size: int | None = None
+    encoding_errors: str = "strict"
+    valid_fraction: float | None = None
+    num_layers: int = 2
+    hidden_size: int = 512
+    embed_dim: int = 128
+    dropout: float = 0.2
+    tie_weights: bool = False
+    dtype: str = "float32"
+    seq_len: int = 128
+    batch_size: int = 32
+    random_length: bool = False
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip: float = 1.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    epochs: int | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "embed_dim", "seq_len", "batch_size", "eval_every",
+                     "checkpoint_every", "log_every", "plateau_patience"):
+            _require_int(name, getattr(self, name), minimum=1)
+        for name in ("vocab_size", "epochs", "max_steps"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed"):
+            _require_int(name, getattr(self, name), minimum=0)
+        for name in ("tie_weights", "random_length"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("corpus", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{flag(name)} must be a non-empty string")
+        self._check_float("lr", low=0.0, low_open=True)
+        self._check_float("weight_decay", low=0.0)
+        self._check_float("clip", low=0.0)
+        self._check_float("dropout", low=0.0, high=1.0)
+        if self.valid_fraction is not None:
+            self._check_float("valid_fraction", low=0.0, high=1.0, low_open=True)
+        self._check_float("beta1", low=0.0, high=1.0)
+        self._check_float("beta2", low=0.0, high=1.0)
+        self._check_float("min_lr_ratio", low=0.0, high=1.0, high_closed=True)
+        self._check_float("plateau_factor", low=0.0, high=1.0, low_open=True)
+        if self.time_budget is not None:
+            self._check_float("time_budget", low=0.0, low_open=True)
+        _require_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _require_choice("schedule", self.schedule, SCHEDULES)
+        _require_choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
+        self.model_config(vocab_size=1)  # shape rules (tied weights, dtype) fail now, not after tokenizing
+
+    def _check_float(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                     high_closed: bool = False) -> None:
+        """Accept ints for float fields (TOML `lr = 1` is fine) and store them as floats."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
+        above = value > low if low_open else value >= low
+        below = value <= high if high_closed else value < high
+        if not (above and below):
+            left = "(" if low_open else "["
+            right = "]" if high_closed else ")"
+            bound = "inf" if high == math.inf else f"{high:g}"
+            raise ConfigError(f"{flag(name)} must be in {left}{low:g}, {bound}{right}, got {value!r}")
+        object.__setattr__(self, name, float(value))
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
+            num_layers=self.num_layers, dropout=self.dropout, tie_weights=self.tie_weights, dtype=self.dtype,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Build from flags, a recipe or a checkpoint's saved config; unknown keys are a ConfigError."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        for name in ("corpus", "out"):
+            if data.get(name) is None:
+                raise ConfigError(f"{flag(name)} is required")
+        return cls(**data)
+
+
+def _require_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{flag(name)} must be {kind}, got {value!r}")
+
+
+def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """A flat TOML file of TrainConfig fields (dashes or underscores), to be overridden by flags."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            doc = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a folder: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {str(exc).splitlines()[0]}") from None
+    recipe = {key.replace("-", "_"): value for key, value in doc.items()}
+    nested = [key for key, value in recipe.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(f"{path}: recipes are flat `key = value` files, found table(s) {', '.join(nested)}")
+    unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"{path}: unknown training option(s): {', '.join(unknown)}")
+    return recipe
+
+
+def merge_options(*layers: dict) -> dict:
+    """Later layers override earlier ones; a layer naming any stop condition replaces all of them.
+
+    So a recipe's 30-minute budget does not also cap a run given `--max-steps`, and resuming with a new
+    `--max-steps` drops the old run's budget instead of stopping at whichever comes first.
+    """
+    merged: dict = {}
+    for layer in layers:
+        if any(layer.get(key) is not None for key in STOP_KEYS):
+            for key in STOP_KEYS:
+                merged[key] = None
+        merged.update({key: value for key, value in layer.items() if value is not None or key not in STOP_KEYS})
+    return merged
+
+
+def saved_train_config(out: str | os.PathLike) -> dict | None:
+    """The options of the run checkpointed in `out/last`, or None when there is nothing to resume."""
+    last = Path(out) / "last"
+    if not last.exists():
+        return None
+    return load_checkpoint(last).train_config
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a `train` call ended; `signal_number` is set when SIGINT/SIGTERM stopped it early."""
+
+    out: Path
+    step: int
+    stop_reason: str
+    best_val_loss: float | None
+    last_val_loss: float | None
+    nonfinite_steps: int
+    signal_number: int | None = None
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out / "last"
+
+
+def train(config: TrainConfig, *, resume: bool = False, force: bool = False, verbose: bool = True) -> TrainResult:
+    """Train (or with `resume`, continue) the run in `config.out`; see the module docstring.
+
+    `force` replaces a run already in `config.out`. Returns when a stop condition is reached or after
+    SIGINT/SIGTERM (the current step finishes and last/ is saved first; a second signal abandons it).
+    """
+    if resume and force:
+        raise ConfigError("use either --resume (continue the run) or --force (replace it), not both")
+    ensure_threads_limited()
+    out = Path(config.out)
+    checkpoint = _prepare_run_folder(out, resume=resume, force=force, verbose=verbose)
+    run = _Run(config, out, checkpoint, verbose)
+    with _StopOnSignal(verbose) as stop:
+        return run.loop(stop)
+
+
+def _prepare_run_folder(out: Path, *, resume: bool, force: bool, verbose: bool) -> Checkpoint | None:
+    """Refuse to overwrite another run by accident; return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    last = out / "last"
+    if resume:
+        if last.exists():
+            return load_checkpoint(last, load_optimizer=True)
+        if verbose:
+            print(f"nothing to resume in {out}; starting a new run", file=sys.stderr)
+        _make_folder(out)
+        return None
+    run_files = [out / name for name in ("last", "best", METRICS_FILE) if (out / name).exists()]
+    if run_files and not force:
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
+    if out.is_dir() and not run_files and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force")
+    for path in run_files:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    _make_folder(out)
+    return None
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+
+
+def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
+    if saved is None:
+        raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
+    changed = [name for name in FROZEN_ON_RESUME if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        details = ", ".join(f"{flag(n)} {saved[n]!r} -> {getattr(config, n)!r}" for n in changed)
+        raise ConfigError(f"--resume cannot change the model or data settings of a run: {details}")
+
+
+def training_flops_per_token(model_config: ModelConfig) -> float:
+    """Matrix-multiply FLOPs per token for forward + backward (6 per weight, as nanoGPT's estimate_mfu)."""
+    h, layers = model_config.hidden_size, model_config.num_layers
+    lstm = sum(4 * h * ((model_config.embed_dim if layer == 0 else h) + h) for layer in range(layers))
+    return 6.0 * (lstm + model_config.vocab_size * h)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag the loop checks between steps; a second one abandons the step at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.signal_number: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
+                  "(send it again to abandon the step without saving)", file=sys.stderr, flush=True)
+
+
+class _MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written so a killed run loses at most a line."""
+
+    def __init__(self, path: Path, keep_through_step: int) -> None:
+        self.path = path
+        self._truncate_after(keep_through_step)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint being resumed (and any torn last line)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        record = {**record, "time": round(time.time(), 3)}
+        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class _Run:
+    """One training session: the state that a checkpoint saves and the steps that advance it."""
+
+    def __init__(self, config: TrainConfig, out: Path, checkpoint: Checkpoint | None, verbose: bool) -> None:
+        self.config = config
+        self.out = out
+        self.verbose = verbose
+        if checkpoint is not None:
+            _check_resume_matches(config, checkpoint.train_config)
+        splits = resolve_corpus(config.corpus, valid_fraction=config.valid_fraction, errors=config.encoding_errors)
+        if checkpoint is not None and checkpoint.trainer_state.get("corpus_checksum") != splits.checksum:
+            raise ConfigError(f"--resume: corpus {config.corpus!r} differs from the one this run was trained on")
+        self.corpus_checksum = splits.checksum
+        if checkpoint is not None:
+            self.tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+        else:
+            self.tokenizer = train_tokenizer(config.tokenizer, splits.train, config.vocab_size)
+        self.tokenizer_json = self.tokenizer.to_json()
+        # "replace": a capped vocabulary leaves rare training words out, and validation text may hold
+        # characters never seen in training; both count as <unk> rather than stopping the run.
+        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace")
+        self.valid_ids = encode_cached(self.tokenizer, splits.valid, key=splits.cache_key("valid"),
+                                       unknown="replace")
+        if len(self.valid_ids) < 2:
+            raise CorpusError(f"validation split of {config.corpus!r} is too short ({len(self.valid_ids)} tokens)")
+        self.valid_chars = predicted_chars(self.tokenizer, self.valid_ids)
+        self.stream = BatchStream(train_ids, config.batch_size, config.seq_len,
+                                  random_length=config.random_length, seed=config.seed)
+
+        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        self.model = LSTMLanguageModel(self.model_config, params=checkpoint.params if checkpoint else None,
+                                       seed=config.seed)
+        self.optimizer = AdamW(self.model.params, lr=config.lr, betas=(config.beta1, config.beta2),
+                               weight_decay=config.weight_decay)
+        self.plateau = PlateauDecay(factor=config.plateau_factor, patience=config.plateau_patience)
+        self.dropout_rng = np.random.default_rng([config.seed, DROPOUT_RNG_STREAM])
+        self.hidden = self.model.zero_state(config.batch_size)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.last_val_loss: float | None = None
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.last_grad_norm: float | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.saved_step = self.step if checkpoint is not None else None
+
+        self.total_steps = self._total_steps()
+        self.time_budget_s = None if config.time_budget is None else config.time_budget * 60.0
+        if self.total_steps is None and self.time_budget_s is None:
+            self.time_budget_s = DEFAULT_TIME_BUDGET_MINUTES * 60.0
+        self.flops_per_token = training_flops_per_token(self.model_config)
+        self.metrics = _MetricsLog(out / METRICS_FILE, keep_through_step=self.step)
+
+    def _total_steps(self) -> int | None:
+        limits = []
+        if self.config.max_steps is not None:
+            limits.append(self.config.max_steps)
+        if self.config.epochs is not None:
+            limits.append(self.config.epochs * self.stream.windows_per_epoch)
+        return min(limits) if limits else None
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.trainer_state
+        moments = checkpoint.optimizer_state or {}
+        self.optimizer.load_state_dict(moments, state["optimizer_steps"])
+        self.hidden = (moments["state.h"].copy(), moments["state.c"].copy())
+        self.stream.load_state_dict(state["data"])
+        self.dropout_rng.bit_generator.state = state["dropout_rng"]
+        self.plateau.load_state_dict(state["plateau"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.elapsed_before = state["elapsed_seconds"]
+        self.best_val_loss = state["best_val_loss"]
+        self.best_step = state["best_step"]
+        self.last_val_loss = state["last_val_loss"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.loss_sum = state["loss_sum"]
+        self.loss_count = state["loss_count"]
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.stream.current_epoch,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": self.elapsed(),
+            "optimizer_steps": self.optimizer.step_count,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "last_val_loss": self.last_val_loss,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "plateau": self.plateau.state_dict(),
+            "data": self.stream.state_dict(),
+            "dropout_rng": self.dropout_rng.bit_generator.state,
+            "corpus_checksum": self.corpus_checksum,
+        }
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.session_start)
+
+    def loop(self, stop: _StopOnSignal) -> TrainResult:
+        self.session_start = time.monotonic()
+        try:
+            reason = self._finished_reason()
+            if reason is not None:
+                if self.verbose:
+                    print(f"{self.out} is already trained to step {self.step} ({reason}); nothing to do",
+                          file=sys.stderr)
+                return self._result(f"already finished ({reason})")
+            self._announce()
+            return self._loop(stop)
+        finally:
+            self.metrics.close()
+
+    def _loop(self, stop: _StopOnSignal) -> TrainResult:
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=None if self.verbose else True, smoothing=0.1)
+        interval_seconds, interval_tokens = 0.0, 0
+        try:
+            while True:
+                if stop.signal_number is not None:
+                    if self.saved_step != self.step:
+                        self.save_last()
+                    return self._result("interrupted", stop.signal_number)
+                started = time.monotonic()
+                lr, tokens = self._train_step()
+                interval_seconds += time.monotonic() - started
+                interval_tokens += tokens
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    record = self._log_train(lr, interval_tokens / max(interval_seconds, 1e-9))
+                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
+                                    tok_s=f"{record['tok_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+                    interval_seconds, interval_tokens = 0.0, 0
+                reason = self._finished_reason()
+                if self.step % self.config.eval_every == 0 or reason is not None:
+                    self._validate(bar)
+                if self.step % self.config.checkpoint_every == 0 or reason is not None:
+                    self.save_last()
+                if reason is not None:
+                    bar.close()
+                    self._announce_end(reason)
+                    return self._result(reason)
+        finally:
+            bar.close()
+
+    def _train_step(self) -> tuple[float, int]:
+        """One window: forward, backward, clip, AdamW; a non-finite loss or gradient skips the update.
+
+        Returns the learning rate used and the tokens in the window.
+        """
+        inputs, targets, new_epoch = self.stream.next_window()
+        if new_epoch:
+            self.hidden = self.model.zero_state(self.config.batch_size)
+        loss, hidden = self.model.forward(inputs, targets, self.hidden, train=True, rng=self.dropout_rng)
+        grads, _ = self.model.backward()
+        norm = clip_grad_norm(grads, self.config.clip)
+        lr = self._learning_rate()
+        self.step += 1
+        self.tokens_seen += inputs.size
+        self.last_grad_norm = norm if math.isfinite(norm) else None
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            self.hidden = self.model.zero_state(self.config.batch_size)
+            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                raise TrainingDiverged(
+                    f"training diverged: loss or gradients were non-finite for {self.consecutive_nonfinite} "
+                    f"steps in a row (at step {self.step}); the last good checkpoint is {self.out / 'last'}; "
+                    "try a lower --lr or --clip"
+                )
+            return lr, inputs.size
+        self.consecutive_nonfinite = 0
+        self.optimizer.step(grads, lr)
+        self.hidden = hidden
+        self.loss_sum += loss
+        self.loss_count += 1
+        return lr, inputs.size
+
+    def _learning_rate(self) -> float:
+        progress = None
+        if self.total_steps is None:
+            progress = self.elapsed() / self.time_budget_s
+        rate = learning_rate(self.step, base_lr=self.config.lr, warmup_steps=self.config.warmup_steps,
+                             total_steps=self.total_steps, schedule=self.config.schedule,
+                             min_lr_ratio=self.config.min_lr_ratio, progress=progress)
+        return rate * self.plateau.scale if self.config.schedule == "plateau" else rate
+
+    def _finished_reason(self) -> str | None:
+        if self.config.max_steps is not None and self.step >= self.config.max_steps:
+            return "max_steps"
+        if self.config.epochs is not None and self.stream.current_epoch >= self.config.epochs:
+            return "epochs"
+        if self.time_budget_s is not None and self.elapsed() >= self.time_budget_s:
+            return "time_budget"
+        return None
+
+    def _log_train(self, lr: float, tokens_per_second: float) -> dict:
+        loss = self.loss_sum / self.loss_count if self.loss_count else None
+        record = {
+            "event": "train",
+            "step": self.step,
+            "epoch": self.stream.current_epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": self.last_grad_norm,
+            "tokens": self.tokens_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "tok_per_s": round(tokens_per_second, 1),
+            "gflop_per_s": round(tokens_per_second * self.flops_per_token / 1e9, 3),
+            "elapsed": round(self.elapsed(), 3),
+        }
+        self.metrics.write(record)
+        self.loss_sum, self.loss_count = 0.0, 0
+        return record
+
+    def _validate(self, bar: tqdm) -> None:
+        """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
+        result = evaluate_ids(self.model, self.valid_ids, chars=self.valid_chars)
+        self.last_val_loss = result.loss
+        improved = self.best_val_loss is None or result.loss < self.best_val_loss
+        if self.config.schedule == "plateau":
+            self.plateau.update(result.loss)
+        if improved:
+            self.best_val_loss, self.best_step = result.loss, self.step
+        self.metrics.write({
+            "event": "val", "step": self.step, "epoch": self.stream.current_epoch,
+            "loss": result.loss, "perplexity": result.perplexity, "bits_per_char": result.bits_per_char,
+            "best": improved, "elapsed": round(self.elapsed(), 3),
+        })
+        if improved:
+            self._save(self.out / "best", with_optimizer=False)
+        if self.verbose:
+            bar.write(f"step {self.step:>7} | epoch {self.stream.current_epoch} | "
+                      f"val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | "
+                      f"bpc {result.bits_per_char:.3f}{' | best' if improved else ''} | "
+                      f"{_format_duration(self.elapsed())}", file=sys.stderr)
+
+    def save_last(self) -> None:
+        self._save(self.out / "last", with_optimizer=True)
+        self.saved_step = self.step
+
+    def _save(self, folder: Path, *, with_optimizer: bool) -> None:
+        optimizer_state = None
+        if with_optimizer:
+            h, c = self.hidden
+            optimizer_state = {**self.optimizer.state_dict(), "state.h": h, "state.c": c}
+        save_checkpoint(folder, model_config=self.model_config, params=self.model.params,
+                        tokenizer_json=self.tokenizer_json, trainer_state=self._trainer_state(),
+                        optimizer_state=optimizer_state, train_config=self.config.to_dict())
+
+    def _announce(self) -> None:
+        if not self.verbose:
+            return
+        c = self.config
+        action = f"resuming at step {self.step}" if self.step else "training"
+        limits = [f"{c.max_steps} steps" if c.max_steps else None,
+                  f"{c.epochs} epochs ({c.epochs * self.stream.windows_per_epoch} steps)" if c.epochs else None,
+                  f"{self.time_budget_s / 60:g} min" if self.time_budget_s else None]
+        print(f"{action}: {self.model.num_parameters():,} parameters ({c.num_layers}x{c.hidden_size} LSTM, "
+              f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
+              f"{c.batch_size}x{c.seq_len} tokens, stop at {' or '.join(x for x in limits if x)}; "
+              f"writing {self.out}", file=sys.stderr)
+
+    def _announce_end(self, reason: str) -> None:
+        if self.verbose:
+            best = f"{self.best_val_loss:.4f}" if self.best_val_loss is not None else "n/a"
+            print(f"done ({reason}) at step {self.step} in {_format_duration(self.elapsed())}: "
+                  f"best val loss {best}, checkpoints in {self.out}/best and {self.out}/last", file=sys.stderr)
+
+    def _result(self, reason: str, signal_number: int | None = None) -> TrainResult:
+        return TrainResult(out=self.out, step=self.step, stop_reason=reason, best_val_loss=self.best_val_loss,
+                           last_val_loss=self.last_val_loss, nonfinite_steps=self.nonfinite_steps,
+                           signal_number=signal_number)
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
