@@ -125,7 +125,7 @@ def _split_single(name: str, text: str, digest: str, valid_fraction: float) -> C
 def _split_tail(name: str, text: str, valid_fraction: float) -> tuple[str, str]:
     """Contiguous tail as validation, cut after a newline so no line (or word) straddles the split."""
     cut = int(len(text) * (1.0 - valid_fraction))
-    newline = text.find("\n", cut)
+    newline = text.find("\n", max(cut - 1, 0))
     if 0 <= newline < len(text) - 1:
         cut = newline + 1
     if cut <= 0 or cut >= len(text):

@@ -34,9 +34,10 @@ CHUNKS_PER_BATCH = 64
 CHAR_ENCODE_BLOCK = 1 << 22
 SHOWN_UNKNOWNS = 8
 
-# A cut after a newline that is followed by a non-space is a boundary for both the whitespace and the
-# byte-level (GPT-2 regex) pre-tokenizers, so encoding chunk by chunk gives the same ids as one call.
-_CHUNK_CUT = re.compile(r"\n(?=\S)")
+# A cut after a newline followed by a word character (or one space and a word character, as every PTB
+# and WikiText line starts) is a boundary for both the whitespace and the byte-level (GPT-2 regex)
+# pre-tokenizers, so encoding chunk by chunk gives the same ids as one call.
+_CHUNK_CUT = re.compile(r"\n(?= ?\w)")
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
