@@ -1,0 +1,157 @@
+import json
+
+import numpy as np
+import pytest
+
+from charlm.corpus import cache_dir, resolve_corpus
+from charlm.data import BatchStream, encode_cached
+from charlm.errors import ConfigError, CorpusError, TokenizerError
+from charlm.tokenize import train_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog\n" * 50
+
+
+# --- encode_cached ------------------------------------------------------------------------------
+
+def test_encoded_ids_are_cached_memory_mapped_uint16(monkeypatch):
+    tok = train_tokenizer("char", TEXT)
+    ids = encode_cached(tok, TEXT)
+    assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
+    assert ids.tolist() == tok.encode(TEXT).tolist()
+    cached = list((cache_dir() / "ids").glob("*.npy"))
+    assert len(cached) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached text must not be encoded again")
+
+    monkeypatch.setattr(type(tok), "encode", fail)
+    assert encode_cached(tok, TEXT).tolist() == ids.tolist()
+
+
+def test_cache_key_includes_the_tokenizer_and_the_given_key():
+    char = train_tokenizer("char", TEXT)
+    word = train_tokenizer("word", TEXT)
+    assert len(encode_cached(char, TEXT)) == len(TEXT)
+    assert len(encode_cached(word, TEXT)) == len(TEXT.split()) + TEXT.count("\n")
+    encode_cached(char, TEXT, key="corpus-a:train")
+    encode_cached(char, TEXT, key="corpus-b:train")
+    assert len(list((cache_dir() / "ids").glob("*.npy"))) == 4
+
+
+def test_a_damaged_cache_file_is_rebuilt():
+    tok = train_tokenizer("char", TEXT)
+    encode_cached(tok, TEXT)
+    (path,) = (cache_dir() / "ids").glob("*.npy")
+    path.write_bytes(b"\x93NUMPY garbage")
+    assert encode_cached(tok, TEXT).tolist() == tok.encode(TEXT).tolist()
+
+
+def test_unknown_handling_is_part_of_the_key():
+    tok = train_tokenizer("char", "abc ")
+    assert encode_cached(tok, "abc x", unknown="replace")[-1] == tok.unk_id
+    with pytest.raises(TokenizerError, match="'x'"):
+        encode_cached(tok, "abc x")
+
+
+def test_large_vocabularies_are_stored_as_uint32():
+    text = "".join(chr(cp) for cp in range(0x100, 0x100 + 70_000) if not 0xD800 <= cp < 0xE000)
+    tok = train_tokenizer("char", text)
+    assert tok.vocab_size > 65_536
+    ids = encode_cached(tok, text)
+    assert ids.dtype == np.uint32 and ids.max() == tok.vocab_size - 1
+
+
+# --- BatchStream --------------------------------------------------------------------------------
+
+def test_windows_walk_contiguous_streams_like_batchify():
+    ids = np.arange(103)
+    stream = BatchStream(ids, batch_size=4, seq_len=5)
+    steps = 103 // 4
+    windows = list(stream.epoch())
+    assert len(windows) == stream.windows_per_epoch == 5  # 24 steps of input: 5+5+5+5+4
+    position = 0
+    for inputs, targets, new_epoch in windows:
+        assert inputs.dtype == np.int32 and inputs.flags.c_contiguous and inputs.shape[1] == 4
+        expected = np.arange(position, position + len(inputs))[:, None] + steps * np.arange(4)[None, :]
+        np.testing.assert_array_equal(inputs, expected)
+        np.testing.assert_array_equal(targets, expected + 1)
+        assert new_epoch == (position == 0)
+        position += len(inputs)
+    assert position == steps - 1
+    every_target = np.concatenate([targets for _, targets, _ in windows])
+    for column in range(4):  # each stream's targets once, in order: every token but its first
+        np.testing.assert_array_equal(every_target[:, column], np.arange(column * steps + 1, (column + 1) * steps))
+
+
+def test_epochs_follow_each_other_and_report_their_start():
+    stream = BatchStream(np.arange(50), batch_size=2, seq_len=4)
+    first = [w.new_epoch for w in stream.epoch()]
+    assert first[0] and not any(first[1:]) and stream.current_epoch == 1 and stream.position == 0
+    window = stream.next_window()
+    assert window.new_epoch and stream.current_epoch == 1
+
+
+@pytest.mark.parametrize("random_length", [False, True])
+def test_a_restored_stream_yields_exactly_the_same_windows(random_length):
+    ids = np.arange(2000) % 97
+    stream = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, seed=7)
+    for _ in range(45):
+        stream.next_window()
+    saved = json.loads(json.dumps(stream.state_dict()))
+    expected = [stream.next_window() for _ in range(30)]
+    restored = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, seed=123)
+    restored.load_state_dict(saved)
+    for want, got in zip(expected, (restored.next_window() for _ in range(30))):
+        np.testing.assert_array_equal(want.inputs, got.inputs)
+        np.testing.assert_array_equal(want.targets, got.targets)
+        assert want.new_epoch == got.new_epoch
+
+
+def test_random_lengths_follow_the_awd_lstm_rule():
+    stream = BatchStream(np.arange(200_000), batch_size=1, seq_len=70, random_length=True, seed=0)
+    lengths = np.array([len(stream.next_window().inputs) for _ in range(2000)])
+    assert lengths.min() >= 2 and lengths.max() <= stream.max_seq_len == 85
+    short = lengths < 50
+    assert 0.02 < short.mean() < 0.09
+    assert abs(lengths[~short].mean() - 70) < 1.0 and abs(lengths[short].mean() - 35) < 3.0
+
+
+def test_same_seed_gives_the_same_random_lengths():
+    lengths = [
+        [len(w.inputs) for w in BatchStream(np.arange(5000), 2, 30, random_length=True, seed=3).epoch()]
+        for _ in range(2)
+    ]
+    assert lengths[0] == lengths[1] and len(set(lengths[0])) > 3
+
+
+def test_a_corpus_shorter_than_one_window_says_what_is_needed():
+    with pytest.raises(CorpusError, match=r"corpus has 40 tokens, .*batch_size 4 x \(seq_len 10 \+ 1\) = 44"):
+        BatchStream(np.arange(40), batch_size=4, seq_len=10)
+    BatchStream(np.arange(44), batch_size=4, seq_len=10)
+
+
+def test_resuming_with_a_different_shape_is_refused():
+    state = BatchStream(np.arange(500), batch_size=4, seq_len=10).state_dict()
+    with pytest.raises(ConfigError, match="batch_size was 4, now 5"):
+        BatchStream(np.arange(500), batch_size=5, seq_len=10).load_state_dict(state)
+    with pytest.raises(ConfigError, match="num_tokens"):
+        BatchStream(np.arange(600), batch_size=4, seq_len=10).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0, "seq_len": 5}, {"batch_size": 2, "seq_len": 2.5}])
+def test_bad_shapes_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        BatchStream(np.arange(100), **kwargs)
+
+
+def test_stream_over_cached_ids_of_a_real_split(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    splits = resolve_corpus(path)
+    tok = train_tokenizer("char", splits.train)
+    ids = encode_cached(tok, splits.train, key=splits.cache_key("train"))
+    inputs, targets, _ = BatchStream(ids, batch_size=2, seq_len=8).next_window()
+    half = len(ids) // 2
+    assert tok.decode(inputs[:, 0]) == splits.train[:8]
+    assert tok.decode(targets[:, 1]) == splits.train[half + 1:half + 9]
+    assert not any(p.suffix == ".npy" for p in tmp_path.iterdir())
