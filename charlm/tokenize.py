@@ -13,6 +13,7 @@ tokens); word and BPE text goes through `tokenizers` in line-aligned chunks so i
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -141,9 +142,8 @@ class Tokenizer:
 
     def _encode_with_backend(self, text: str, unknown: str) -> np.ndarray:
         pieces = []
-        chunks = list(_chunks(text, ENCODE_CHUNK_CHARS))
-        for first in range(0, len(chunks), CHUNKS_PER_BATCH):
-            batch = chunks[first:first + CHUNKS_PER_BATCH]
+        chunks = _chunks(text, ENCODE_CHUNK_CHARS)
+        while batch := list(itertools.islice(chunks, CHUNKS_PER_BATCH)):
             for chunk, encoding in zip(batch, self._backend.encode_batch(batch, add_special_tokens=False)):
                 ids = np.asarray(encoding.ids, dtype=np.int32)
                 if unknown == "error" and self.unk_id is not None:
