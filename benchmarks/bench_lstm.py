@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -346,15 +347,24 @@ def run_rss_child(spec: str, args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
-def measure_peak_rss(library: str, config: BenchConfig, task: str, args: argparse.Namespace) -> float:
-    command = [
-        sys.executable, os.path.abspath(__file__), "--rss-child", f"{library}:{config.name}:{task}",
-        "--threads", str(args.threads), "--dropout", str(args.dropout), "--gen-tokens", str(args.gen_tokens),
+def measure_peak_rss(jobs: list[tuple[str, BenchConfig, str]], args: argparse.Namespace) -> list[float]:
+    """Peak RSS in MiB of each (library, config, task), each in its own child process. The children run
+    concurrently: CPU contention does not change their peak memory, and it keeps the run short."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--rss-child", f"{library}:{config.name}:{task}",
+             "--threads", str(args.threads), "--dropout", str(args.dropout), "--gen-tokens", str(args.gen_tokens)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for library, config, task in jobs
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"peak-RSS child for {library} {config.name} {task} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    peaks = []
+    for child, (library, config, task) in zip(children, jobs):
+        stdout, stderr = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"peak-RSS child for {library} {config.name} {task} failed:\n{stderr}")
+        peaks.append(json.loads(stdout.strip().splitlines()[-1])["peak_rss_mib"])
+    return peaks
 
 
 def ratio(charlm: float | None, torch: float | None, higher_is_better: bool) -> float | None:
@@ -406,8 +416,10 @@ def benchmark_config(config: BenchConfig, args: argparse.Namespace) -> list[Task
     runners = [RUNNERS[lib](config, workload, args.dropout, args.gen_tokens) for lib in libraries]
     seconds = {task: time_interleaved(runners, task, args.reps, args.warmup) for task in args.tasks}
     del runners
+    jobs = [(lib, config, task) for task in args.tasks for lib in libraries]
+    peaks = dict(zip(((lib, task) for lib, _, task in jobs), measure_peak_rss(jobs, args)))
     return [
-        TaskResult(config, task, seconds[task], {lib: measure_peak_rss(lib, config, task, args) for lib in libraries})
+        TaskResult(config, task, seconds[task], {lib: peaks[lib, task] for lib in libraries})
         for task in args.tasks
     ]
 
@@ -417,7 +429,8 @@ def environment(args: argparse.Namespace) -> dict:
     from threadpoolctl import threadpool_info
 
     blas = [
-        f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels, {i['num_threads']} threads)"
+        f"{Path(i['filepath']).parent.name}: {i['internal_api']} {i['version']} "
+        f"({i.get('architecture', '?')} kernels, {i['num_threads']} threads)"
         for i in threadpool_info()
         if i["user_api"] == "blas"
     ]
@@ -481,8 +494,8 @@ def format_table(records: list[dict]) -> str:
         rows.append((
             r["config"], r["task"], format_number(r["charlm"]), format_number(r["torch"]), r["unit"],
             "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-            f"{gflops['charlm']:.1f} ({share['charlm']:.0%})",
-            "-" if gflops["torch"] is None else f"{gflops['torch']:.1f} ({share['torch']:.0%})",
+            f"{format_number(gflops['charlm'])} ({share['charlm']:.0%})",
+            "-" if gflops["torch"] is None else f"{format_number(gflops['torch'])} ({share['torch']:.0%})",
             f"{rss['charlm']:.0f} / {format_number(rss['torch'])}",
             target_verdict(r["config"], r["task"], r["ratio"], share["charlm"]),
         ))

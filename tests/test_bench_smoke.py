@@ -29,7 +29,7 @@ def load_bench():
 def run_bench(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "bench.json"
     args = [sys.executable, str(SCRIPT), "--configs", MICRO, "--reps", "2", "--warmup", "1",
-            "--gen-tokens", "10", "--json", str(out), *extra]
+            "--gen-tokens", "10", "--threads", "1", "--json", str(out), *extra]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     return result, json.loads(out.read_text())["records"]
