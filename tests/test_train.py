@@ -1,0 +1,256 @@
+"""The training loop on tiny models: learning, exact resume, signals, non-finite steps, run folders, config."""
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import charlm.train as train_module
+from charlm.checkpoint import load_checkpoint
+from charlm.errors import ConfigError
+from charlm.train import (VOLATILE_METRIC_KEYS, TrainConfig, TrainingDiverged, load_recipe, merge_options,
+                          train)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small, learnable text: a few sentences repeated with varying order."""
+    rng = np.random.default_rng(0)
+    sentences = ["the cat sat on the mat.", "a dog ran in the park!", "birds sing at dawn?", "we love tea."]
+    lines = [" ".join(sentences[i] for i in rng.integers(0, len(sentences), 3)) for _ in range(200)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus, out, **overrides) -> TrainConfig:
+    options = dict(corpus=str(corpus), out=str(out), num_layers=1, hidden_size=24, embed_dim=8, dropout=0.1,
+                   seq_len=12, batch_size=4, lr=1e-2, warmup_steps=3, max_steps=24, eval_every=8,
+                   checkpoint_every=5, log_every=3, seed=3)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def stable_metrics(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE_METRIC_KEYS} for line in lines]
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(folder).params
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the process stops dead, nothing is saved."""
+
+
+def test_training_lowers_validation_loss_and_writes_the_run_folder(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_steps=60, eval_every=20, dropout=0.0, lr=3e-2, hidden_size=32,
+                               seq_len=24, batch_size=8), verbose=False)
+    assert result.stop_reason == "max_steps" and result.step == 60
+    val = [m for m in stable_metrics(out) if m["event"] == "val"]
+    assert [m["step"] for m in val] == [20, 40, 60]
+    assert val[-1]["loss"] < 0.5 * math.log(load_checkpoint(out / "last").model_config.vocab_size)
+    assert result.best_val_loss == min(m["loss"] for m in val)
+    assert load_checkpoint(out / "best").trainer_state["best_val_loss"] == result.best_val_loss
+    state = load_checkpoint(out / "last", load_optimizer=True)
+    assert state.trainer_state["step"] == 60 and state.trainer_state["optimizer_steps"] == 60
+    assert {"state.h", "state.c"} <= set(state.optimizer_state)
+    assert state.train_config["max_steps"] == 60
+
+
+def test_killed_run_resumes_bit_identically(corpus, tmp_path, monkeypatch):
+    """Dropout, random window lengths and a carried state all survive a kill between checkpoints."""
+    options = dict(dropout=0.3, random_length=True, seq_len=10)
+    reference = tmp_path / "reference"
+    train(tiny_config(corpus, reference, **options), verbose=False)
+
+    killed = tmp_path / "killed"
+    real_step = train_module._Run._train_step
+
+    def dies_at_step_13(self):
+        if self.step == 13:
+            raise Killed
+        return real_step(self)
+
+    monkeypatch.setattr(train_module._Run, "_train_step", dies_at_step_13)
+    with pytest.raises(Killed):
+        train(tiny_config(corpus, killed, **options), verbose=False)
+    monkeypatch.setattr(train_module._Run, "_train_step", real_step)
+    assert load_checkpoint(killed / "last").trainer_state["step"] == 10
+    assert max(m["step"] for m in stable_metrics(killed)) == 12
+
+    result = train(tiny_config(corpus, killed, **options), resume=True, verbose=False)
+    assert result.step == 24
+    for name, array in weights(reference / "last").items():
+        assert np.array_equal(array, weights(killed / "last")[name]), name
+    assert stable_metrics(killed) == stable_metrics(reference)
+
+
+def test_sigint_saves_and_resume_matches_uninterrupted(corpus, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    train(tiny_config(corpus, reference), verbose=False)
+
+    out = tmp_path / "interrupted"
+    real_step = train_module._Run._train_step
+
+    def interrupted_at_step_7(self):
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self)
+
+    monkeypatch.setattr(train_module._Run, "_train_step", interrupted_at_step_7)
+    result = train(tiny_config(corpus, out), verbose=False)
+    monkeypatch.setattr(train_module._Run, "_train_step", real_step)
+    assert result.signal_number == signal.SIGINT and result.stop_reason == "interrupted"
+    assert result.step == 7
+    assert load_checkpoint(out / "last").trainer_state["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    train(tiny_config(corpus, out), resume=True, verbose=False)
+    for name, array in weights(reference / "last").items():
+        assert np.array_equal(array, weights(out / "last")[name]), name
+    assert stable_metrics(out) == stable_metrics(reference)
+
+
+def test_resume_keeps_going_to_a_larger_max_steps_and_stops_when_done(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_steps=6), verbose=False)
+    again = train(tiny_config(corpus, out, max_steps=6), resume=True, verbose=False)
+    assert again.stop_reason.startswith("already finished") and again.step == 6
+    longer = train(tiny_config(corpus, out, max_steps=9), resume=True, verbose=False)
+    assert longer.step == 9
+    assert load_checkpoint(out / "last").trainer_state["step"] == 9
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
+    real_clip = train_module.clip_grad_norm
+    calls = {"n": 0}
+
+    def nan_on_calls_3_and_4(grads, max_norm):
+        calls["n"] += 1
+        norm = real_clip(grads, max_norm)
+        return math.nan if calls["n"] in (3, 4) else norm
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", nan_on_calls_3_and_4)
+    result = train(tiny_config(corpus, tmp_path / "skips", max_steps=8), verbose=False)
+    assert result.nonfinite_steps == 2 and result.step == 8
+    assert load_checkpoint(tmp_path / "skips" / "last", load_optimizer=True).trainer_state["optimizer_steps"] == 6
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", lambda grads, max_norm: math.inf)
+    out = tmp_path / "diverged"
+    with pytest.raises(TrainingDiverged, match="5 steps in a row"):
+        train(tiny_config(corpus, out, checkpoint_every=100), verbose=False)
+    assert not (out / "last").exists()
+
+
+def test_output_folder_holding_a_run_needs_resume_or_force(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_steps=3), verbose=False)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(tiny_config(corpus, out, max_steps=3), verbose=False)
+    with pytest.raises(ConfigError, match="not both"):
+        train(tiny_config(corpus, out, max_steps=3), resume=True, force=True, verbose=False)
+    result = train(tiny_config(corpus, out, max_steps=4, seed=5), force=True, verbose=False)
+    assert result.step == 4
+    assert [m["step"] for m in stable_metrics(out)][0] == 3
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        train(tiny_config(corpus, other, max_steps=3), verbose=False)
+
+
+def test_resume_refuses_a_changed_model(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_steps=3), verbose=False)
+    with pytest.raises(ConfigError, match="--hidden 24 -> 32"):
+        train(tiny_config(corpus, out, hidden_size=32), resume=True, verbose=False)
+
+
+def test_time_budget_and_epochs_stop_cleanly(corpus, tmp_path):
+    timed = train(tiny_config(corpus, tmp_path / "timed", max_steps=None, time_budget=1e-4), verbose=False)
+    assert timed.stop_reason == "time_budget" and timed.step >= 1
+    assert (tmp_path / "timed" / "best").is_dir() and (tmp_path / "timed" / "last").is_dir()
+
+    one_epoch = train(tiny_config(corpus, tmp_path / "epoch", max_steps=None, epochs=1, seq_len=50, batch_size=32,
+                                  eval_every=1000), verbose=False)
+    state = load_checkpoint(tmp_path / "epoch" / "last").trainer_state
+    assert one_epoch.stop_reason == "epochs" and state["epoch"] == 1
+    assert state["data"]["position"] == 0  # every window of the epoch used, the cursor back at the start
+    assert [m["epoch"] for m in stable_metrics(tmp_path / "epoch")][:-1] == [0] * (len(stable_metrics(
+        tmp_path / "epoch")) - 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_layers=0), "--layers must be a positive integer"),
+    (dict(batch_size=-1), "--batch-size must be a positive integer"),
+    (dict(max_steps=0), "--max-steps must be a positive integer"),
+    (dict(lr=0.0), "--lr must be in"),
+    (dict(dropout=1.0), "--dropout must be in"),
+    (dict(time_budget=-5), "--time-budget must be in"),
+    (dict(tokenizer="bytes"), "--tokenizer must be one of"),
+    (dict(tie_weights=True), "tie_weights needs embed_dim == hidden_size"),
+    (dict(seq_len="128"), "--seq-len must be a positive integer"),
+])
+def test_config_rejects_out_of_range_values(corpus, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(corpus, tmp_path / "run", **overrides)
+
+
+def test_config_round_trips_and_rejects_unknown_keys(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", lr=1)
+    assert isinstance(config.lr, float)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown training option"):
+        TrainConfig.from_dict({**config.to_dict(), "hiden_size": 3})
+    with pytest.raises(ConfigError, match="--corpus is required"):
+        TrainConfig.from_dict({"out": "x"})
+
+
+def test_merge_replaces_the_whole_group_of_stop_conditions():
+    saved = {"corpus": "a", "max_steps": 100, "time_budget": None, "lr": 1.0}
+    assert merge_options(saved, {"lr": 2.0}) == {"corpus": "a", "epochs": None, "max_steps": 100, "time_budget": None,
+                                                 "lr": 2.0}
+    merged = merge_options({"time_budget": 30.0}, saved, {"epochs": 2})
+    assert (merged["epochs"], merged["max_steps"], merged["time_budget"]) == (2, None, None)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO_ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_recipe_is_a_valid_config_for_a_registered_corpus(recipe):
+    from charlm.corpus import registry
+
+    config = TrainConfig.from_dict(load_recipe(recipe))
+    assert config.corpus == recipe.stem and config.corpus in registry()
+    assert config.time_budget is not None
+
+
+def test_recipe_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(bad)
+    bad.write_text("[model]\nhidden_size = 3\n")
+    with pytest.raises(ConfigError, match="flat"):
+        load_recipe(bad)
+    bad.write_text("seq-len = 64\nlearning_rate = 3\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.toml")
+    bad.write_text("seq-len = 64\n")
+    assert load_recipe(bad) == {"seq_len": 64}
+
+
+def test_flops_estimate_counts_every_matrix():
+    config = TrainConfig(corpus="x", out="y").model_config(vocab_size=10)
+    lstm = 4 * 512 * (128 + 512) + 4 * 512 * (512 + 512)
+    assert train_module.training_flops_per_token(config) == 6 * (lstm + 10 * 512)
