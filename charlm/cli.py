@@ -121,13 +121,16 @@ def _unknown_option():
 @click.option("--prompt", default="", help="Text to continue (printed first).")
 @click.option("--length", default=500, show_default=True, help="Tokens to sample.")
 @click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 = off.")
+@click.option("--top-k", type=int, help="Sample among the k likeliest tokens [default: all].")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1]; 1 = off.")
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("--num-samples", default=1, show_default=True, help="Independent samples (seed, seed+1, ...).")
 @_unknown_option()
 def generate(checkpoint, prompt, length, temperature, top_k, top_p, seed, num_samples, unknown) -> None:
     """Stream text sampled from CHECKPOINT (a run folder or a checkpoint folder)."""
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1 (leave it out to sample from all tokens), got {top_k}")
+    top_k = top_k or 0
     validate_sampling(length, temperature, top_k, top_p)
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
