@@ -495,8 +495,7 @@ class _Run:
             self.metrics.close()
 
     def _loop(self, stop: _StopOnSignal) -> TrainResult:
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   disable=None if self.verbose else True, smoothing=0.1)
+        progress = _Progress(self.verbose, self.total_steps, self.step, self.time_budget_s)
         interval_seconds, interval_tokens = 0.0, 0
         try:
             while True:
@@ -508,23 +507,21 @@ class _Run:
                 lr, tokens = self._train_step()
                 interval_seconds += time.monotonic() - started
                 interval_tokens += tokens
-                bar.update(1)
+                progress.update()
                 if self.step % self.config.log_every == 0:
-                    record = self._log_train(lr, interval_tokens / max(interval_seconds, 1e-9))
-                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
-                                    tok_s=f"{record['tok_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+                    progress.show_train(self._log_train(lr, interval_tokens / max(interval_seconds, 1e-9)))
                     interval_seconds, interval_tokens = 0.0, 0
                 reason = self._finished_reason()
                 if self.step % self.config.eval_every == 0 or reason is not None:
-                    self._validate(bar)
+                    self._validate(progress)
                 if self.step % self.config.checkpoint_every == 0 or reason is not None:
                     self.save_last()
                 if reason is not None:
-                    bar.close()
+                    progress.close()
                     self._announce_end(reason)
                     return self._result(reason)
         finally:
-            bar.close()
+            progress.close()
 
     def _train_step(self) -> tuple[float, int]:
         """One window: forward, backward, clip, AdamW; a non-finite loss or gradient skips the update.
@@ -596,7 +593,7 @@ class _Run:
         self.loss_sum, self.loss_count = 0.0, 0
         return record
 
-    def _validate(self, bar: tqdm) -> None:
+    def _validate(self, progress: _Progress) -> None:
         """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
         result = evaluate_ids(self.model, self.valid_ids, chars=self.valid_chars)
         self.last_val_loss = result.loss
@@ -612,11 +609,9 @@ class _Run:
         })
         if improved:
             self._save(self.out / "best", with_optimizer=False)
-        if self.verbose:
-            bar.write(f"step {self.step:>7} | epoch {self.stream.current_epoch} | "
-                      f"val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | "
-                      f"bpc {result.bits_per_char:.3f}{' | best' if improved else ''} | "
-                      f"{_format_duration(self.elapsed())}", file=sys.stderr)
+        progress.write(f"step {self.step:>7} | epoch {self.stream.current_epoch} | val loss {result.loss:.4f} | "
+                       f"ppl {result.perplexity:.2f} | bpc {result.bits_per_char:.3f}"
+                       f"{' | best' if improved else ''} | {_format_duration(self.elapsed())}")
 
     def save_last(self) -> None:
         self._save(self.out / "last", with_optimizer=True)
@@ -654,6 +649,41 @@ class _Run:
         return TrainResult(out=self.out, step=self.step, stop_reason=reason, best_val_loss=self.best_val_loss,
                            last_val_loss=self.last_val_loss, nonfinite_steps=self.nonfinite_steps,
                            signal_number=signal_number)
+
+
+class _Progress:
+    """A tqdm bar (loss, tokens/s, lr, ETA) on a terminal; on a pipe or file, one plain line per train log."""
+
+    def __init__(self, verbose: bool, total_steps: int | None, step: int, time_budget_s: float | None) -> None:
+        self.verbose = verbose
+        self.total_steps = total_steps
+        self.time_budget_s = time_budget_s
+        interactive = verbose and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                        disable=not interactive, smoothing=0.1)
+        self.plain = verbose and not interactive
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def show_train(self, record: dict) -> None:
+        loss = "nan" if record["loss"] is None else f"{record['loss']:.3f}"
+        fields = {"loss": loss, "tok/s": f"{record['tok_per_s']:.0f}", "lr": f"{record['lr']:.2e}"}
+        if self.total_steps is None and self.time_budget_s is not None:
+            fields["left"] = _format_duration(max(self.time_budget_s - record["elapsed"], 0.0))
+        if self.plain:
+            self.write(f"step {record['step']:>7} | epoch {record['epoch']} | "
+                       + " | ".join(f"{k} {v}" for k, v in fields.items())
+                       + f" | {record['gflop_per_s']:.2f} GFLOP/s | {_format_duration(record['elapsed'])}")
+        else:
+            self.bar.set_postfix(fields, refresh=False)
+
+    def write(self, line: str) -> None:
+        if self.verbose:
+            tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _format_duration(seconds: float) -> str:

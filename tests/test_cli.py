@@ -130,19 +130,20 @@ def test_recipe_flags_override_and_resume_continues_to_the_requested_steps(workd
     assert json.loads(invoke("info", out / "last", "--json").output)["step"] == 7
 
 
-def test_sigint_during_training_saves_and_exits_130(workdir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_training_saves_and_exits_128_plus_signal(workdir, tmp_path, monkeypatch, signum, exit_code):
     real_step = train_module._Run._train_step
 
     def interrupted(self):
         if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return real_step(self)
 
     monkeypatch.setattr(train_module._Run, "_train_step", interrupted)
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--corpus", str(workdir / "corpus.txt"), "--out", str(out),
                                       "--max-steps", "20", *TINY])
-    assert result.exit_code == 130
+    assert result.exit_code == exit_code
     assert "interrupted at step 3" in result.stderr and "--resume" in result.stderr
     assert (out / "last").is_dir()
 
