@@ -132,11 +132,10 @@ def load_checkpoint(folder: str | os.PathLike, load_optimizer: bool = False) -> 
         if name != CHECKSUMS_FILE:
             _verify_checksum(folder, name, raw[name], manifest)
 
-    try:
-        model_config = ModelConfig.from_dict(config_doc.get("model") or {})
-    except CharlmError as exc:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from exc
+    model_config = _parse_model_config(folder, config_doc.get("model"))
     train_config = config_doc.get("train")
+    if train_config is not None and not isinstance(train_config, dict):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: \"train\" must be an object or null")
 
     params = _parse_tensors(folder, MODEL_FILE, raw[MODEL_FILE])
     _check_params(folder, params, model_config)
@@ -199,6 +198,7 @@ def _write_folder_atomically(folder: Path, files: dict[str, bytes]) -> None:
     """Write `files` into a fsynced sibling folder, then swap it in place of `folder` by renames."""
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_swap(folder)
     _remove_abandoned_siblings(folder)
     pid = os.getpid()
     tmp = parent / f"{folder.name}{TMP_INFIX}{pid}"
@@ -238,53 +238,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sibling_pid(folder: Path, sibling: Path) -> int | None:
-    """The writer's pid in `<name>.tmp-<pid>` or `<name>.old-<pid>`, or None for unrelated names."""
-    for infix in (TMP_INFIX, OLD_INFIX):
-        prefix = folder.name + infix
-        if sibling.name.startswith(prefix) and sibling.name[len(prefix) :].isdigit():
-            return int(sibling.name[len(prefix) :])
-    return None
+def _writer_folders(folder: Path, infixes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """The `<name>.tmp-<pid>` / `<name>.old-<pid>` folders beside `folder`, each with its writer's pid."""
+    if not folder.parent.is_dir():
+        return []
+    found = []
+    for sibling in folder.parent.iterdir():
+        for infix in infixes:
+            pid = sibling.name.removeprefix(folder.name + infix)
+            if pid != sibling.name and pid.isdigit() and sibling.is_dir():
+                found.append((sibling, int(pid)))
+    return found
 
 
-def _pid_alive(pid: int) -> bool:
+def _abandoned(pid: int) -> bool:
+    """A writer folder is abandoned when its process is gone (or is us, so not mid-save)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _remove_abandoned_siblings(folder: Path) -> None:
-    """Delete tmp/old folders left by this process or by dead ones (a crashed or killed save)."""
-    if not folder.parent.is_dir():
-        return
-    for sibling in folder.parent.iterdir():
-        pid = _sibling_pid(folder, sibling)
-        if pid is not None and (pid == os.getpid() or not _pid_alive(pid)):
+    """Delete tmp/old folders left by a crashed or killed save (after any recovery)."""
+    for sibling, pid in _writer_folders(folder, (TMP_INFIX, OLD_INFIX)):
+        if _abandoned(pid):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _recover_interrupted_swap(folder: Path) -> None:
     """If a save died between its two renames, put the previous checkpoint (`<name>.old-<pid>`) back.
 
-    While the writer is still alive the swap is only microseconds from done, so wait for it instead.
+    While that writer is still alive its swap is microseconds from done, so wait for it (never steal it).
     """
     deadline = time.monotonic() + SWAP_WAIT_SECONDS
-    while not folder.exists() and folder.parent.is_dir():
-        olds = [s for s in folder.parent.iterdir() if s.name.startswith(folder.name + OLD_INFIX)]
-        olds = [s for s in olds if _sibling_pid(folder, s) is not None and s.is_dir()]
-        if not olds:
-            return
-        dead = [s for s in olds if not _pid_alive(_sibling_pid(folder, s))]
-        if dead or time.monotonic() > deadline:
-            newest = max(dead or olds, key=lambda s: s.stat().st_mtime)
+    while not folder.exists():
+        olds = _writer_folders(folder, (OLD_INFIX,))
+        dead = [path for path, pid in olds if _abandoned(pid)]
+        if dead:
             try:
-                os.rename(newest, folder)
+                os.rename(max(dead, key=lambda path: path.stat().st_mtime), folder)
             except OSError:
                 pass
+            return
+        if not olds or time.monotonic() > deadline:
             return
         time.sleep(0.01)
 
@@ -350,6 +352,19 @@ def _verify_checksum(folder: Path, name: str, data: bytes, manifest: dict) -> No
         )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"{folder / name} is corrupt (sha256 does not match {CHECKSUMS_FILE})")
+
+
+def _parse_model_config(folder: Path, doc) -> ModelConfig:
+    """A hand-edited config.json can hold any JSON: wrong types are a CheckpointError, not a TypeError."""
+    where = folder / CONFIG_FILE
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: \"model\" must be an object of model settings")
+    try:
+        return ModelConfig.from_dict(doc)
+    except CharlmError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: model settings have the wrong types: {json.dumps(doc)[:200]}") from None
 
 
 def _parse_tensors(folder: Path, name: str, data: bytes) -> dict[str, np.ndarray]:

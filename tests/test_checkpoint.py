@@ -393,6 +393,20 @@ def test_crash_between_renames_is_recovered_on_load(tmp_path):
     assert siblings(folder) == []
 
 
+def test_failed_save_after_a_crash_between_renames_keeps_the_recovered_checkpoint(tmp_path, monkeypatch):
+    folder = save_checkpoint(tmp_path / "last", **make_run(0))
+    os.rename(folder, tmp_path / f"last.old-{_dead_pid()}")
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_file_synced", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint(folder, **make_run(1))
+    assert_same_tensors(load_checkpoint(folder).params, make_run(0)["params"])
+    assert siblings(folder) == []
+
+
 def test_junk_from_a_killed_save_does_not_break_the_next(tmp_path):
     folder = tmp_path / "last"
     pid = _dead_pid()
@@ -446,3 +460,56 @@ def test_sigkill_during_repeated_saves_leaves_a_loadable_checkpoint(tmp_path, se
         assert all(np.all(array == step) for array in tensors.values())
     save_checkpoint(folder, **make_run())
     assert siblings(folder) == []
+
+
+def test_loading_while_another_process_keeps_saving(tmp_path):
+    """`charlm generate run/` during training: a load racing a save's folder swap still sees one whole checkpoint."""
+    folder = tmp_path / "last"
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert saver.stdout.readline().strip() == "0"
+        steps = set()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            ckpt = load_checkpoint(folder, load_optimizer=True)
+            step = ckpt.trainer_state["step"]
+            assert all(np.all(array == step) for array in ckpt.params.values())
+            steps.add(step)
+    finally:
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+    assert len(steps) > 1, "the saver never overwrote the checkpoint during the test"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hand_edited_and_resigned_config_loads_or_fails_cleanly(tmp_path, data):
+    """A stranger can re-sign any config.json; whatever it holds, loading raises CheckpointError or works."""
+    folder = tmp_path / "ck"
+    if not folder.exists():
+        save_checkpoint(folder, **make_run())
+    original = (folder / CONFIG_FILE).read_bytes()
+    config = json.loads(original)
+    section = data.draw(st.sampled_from(["model", "train", "whole model"]))
+    if section == "whole model":
+        config["model"] = data.draw(JSON_VALUES)
+    elif section == "model":
+        config["model"][data.draw(st.sampled_from(sorted(config["model"]) + ["extra"]))] = data.draw(JSON_VALUES)
+    else:
+        config["train"] = data.draw(JSON_VALUES)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    rewrite_checksums(folder)
+    try:
+        load_checkpoint(folder)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
+    finally:
+        (folder / CONFIG_FILE).write_bytes(original)
+        rewrite_checksums(folder)
