@@ -42,13 +42,17 @@ class UserError(click.ClickException):
 
 
 class CharlmGroup(click.Group):
-    """Turns CharlmError into `error: ...` / exit 2 and Ctrl-C outside training into a quiet exit 130."""
+    """Turns CharlmError and misused flags into one `error: ...` line / exit 2, and Ctrl-C outside
+    training into a quiet exit 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CharlmError as exc:
             raise UserError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise UserError(f"{exc.format_message()} (see '{command} --help')") from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             raise click.exceptions.Exit(EXIT_SIGNAL_BASE + 2) from None
@@ -72,7 +76,8 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--vocab-size", type=int, help="Vocabulary size cap (bpe: merges target).")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS),
               help="Non-UTF-8 corpus bytes: fail, or replace with U+FFFD [default: strict].")
-@click.option("--valid-fraction", type=float, help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
+@click.option("--valid-fraction", type=float,
+              help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
 @click.option("--layers", type=int, help="LSTM layers [default: 2].")
 @click.option("--hidden", type=int, help="Hidden units per layer [default: 512].")
 @click.option("--embed", type=int, help="Embedding size [default: 128].")
@@ -111,6 +116,19 @@ def train(config_file, resume, force, **flags) -> None:
         sys.exit(EXIT_SIGNAL_BASE + result.signal_number)
 
 
+def _require_unicode(text: str, what: str) -> str:
+    """Arguments arrive through the OS as bytes; ones that were not UTF-8 reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            byte = code - 0xDC00
+            raise ConfigError(f"{what} is not valid UTF-8 (byte 0x{byte:02x}); check the terminal's encoding") from None
+        raise ConfigError(f"{what} holds a lone surrogate U+{code:04X}, which is not text") from None
+    return text
+
+
 def _unknown_option():
     return click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default="error", show_default=True,
                         help="Prompt characters/words outside the vocabulary: fail, or map to the unknown token.")
@@ -134,6 +152,7 @@ def generate(checkpoint, prompt, length, temperature, top_k, top_p, seed, num_sa
     validate_sampling(length, temperature, top_k, top_p)
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    _require_unicode(prompt, "--prompt")
     model, tokenizer, _ = load_model(checkpoint)
     for index in range(num_samples):
         if index:
@@ -158,6 +177,7 @@ def complete(checkpoint, text, top, beam_width, as_json, unknown) -> None:
     """Rank the likeliest words for the blank ___ in TEXT, e.g. "I love machine ___"."""
     if top < 1 or beam_width < 1:
         raise ConfigError(f"--top and --beam-width must be at least 1, got {top} and {beam_width}")
+    _require_unicode(text, "the text")
     model, tokenizer, _ = load_model(checkpoint)
     completions = complete_blank(model, tokenizer, text, top=top, beam_width=beam_width, unknown=unknown)
     if as_json:
