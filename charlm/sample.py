@@ -119,6 +119,7 @@ class _BlankSearch:
         self.one_token_words = tokenizer.kind == "word"
         context = before if self.one_token_words else before.rstrip()
         self.lead = before[len(context):]
+        tokenizer.encode(self.lead, unknown=unknown)  # the lead is generated, not encoded: check it is spellable
         self.context_ids = tokenizer.encode(context, unknown=unknown) if context else start_ids(tokenizer)
         self.token_texts = [tokenizer.decode(np.array([i], dtype=np.int32)) for i in range(tokenizer.vocab_size)]
         cuts = np.array([_first_boundary(text) if text else SPELLS_NOTHING for text in self.token_texts])
@@ -185,7 +186,7 @@ class _BlankSearch:
             if len(text) < len(self.lead):
                 allowed = self._lead_mask(self.lead[len(text):])
                 row = row - _logsumexp(row[None, allowed])[0]
-            elif self.one_token_words or self.suffix_ids is not None:
+            elif self.suffix_ids is not None:
                 allowed = self.word_only
             else:
                 allowed = self.word_only | self.word_then_boundary
