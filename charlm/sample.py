@@ -50,7 +50,8 @@ def generate_text(model, tokenizer, prompt: str, length: int = 500, temperature:
     """Yield the prompt as typed, then the continuation chunk by chunk as each token is sampled.
 
     `length` counts sampled tokens; temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
-    the same seed gives the same text. Flags and the prompt are checked here, before the first chunk.
+    the same seed gives the same text. An empty prompt starts at the beginning of a line (`start_ids`).
+    Flags and the prompt are checked here, before the first chunk.
     """
     validate_sampling(length, temperature, top_k, top_p)
     prompt_ids = tokenizer.encode(prompt, unknown=unknown) if prompt else start_ids(tokenizer)
