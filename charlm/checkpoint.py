@@ -81,7 +81,7 @@ def save_checkpoint(
     for what, tensors in (("weights", params), ("optimizer state", optimizer_state or {})):
         bad = _non_finite(tensors)
         if bad:
-            raise CheckpointError(f"refusing to save non-finite {what} ({', '.join(bad)}) to {folder}")
+            raise _checkpoint_error(f"refusing to save non-finite {what} ({', '.join(bad)}) to {folder}")
     files = {
         MODEL_FILE: _tensor_bytes(params),
         CONFIG_FILE: _json_bytes(
@@ -105,7 +105,7 @@ def save_checkpoint(
         _write_folder_atomically(folder, files)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise CheckpointError(
+        raise _checkpoint_error(
             f"could not save checkpoint {folder}: {reason}; the previous checkpoint there is intact"
         ) from exc
     return folder
@@ -135,7 +135,7 @@ def load_checkpoint(folder: str | os.PathLike, load_optimizer: bool = False) -> 
     model_config = _parse_model_config(folder, config_doc.get("model"))
     train_config = config_doc.get("train")
     if train_config is not None and not isinstance(train_config, dict):
-        raise CheckpointError(f"{folder / CONFIG_FILE}: \"train\" must be an object or null")
+        raise _checkpoint_error(f"{folder / CONFIG_FILE}: \"train\" must be an object or null")
 
     params = _parse_tensors(folder, MODEL_FILE, raw[MODEL_FILE])
     _check_params(folder, params, model_config)
@@ -174,17 +174,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     for candidate in (path, path / "best", path / "last"):
         _recover_interrupted_swap(candidate)
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise _checkpoint_error(f"no checkpoint at {path}")
     if path.is_file():
         if (path.parent / CONFIG_FILE).is_file():
             return path.parent
-        raise CheckpointError(f"{path} is a file, not a checkpoint folder")
+        raise _checkpoint_error(f"{path} is a file, not a checkpoint folder")
     for name in ("best", "last"):
         if (path / name).is_dir():
             return path / name
     if (path / CONFIG_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
-    raise CheckpointError(f"{path} is neither a checkpoint folder nor a run folder with best/ or last/")
+    raise _checkpoint_error(f"{path} is neither a checkpoint folder nor a run folder with best/ or last/")
 
 
 def load_model(path: str | os.PathLike) -> tuple[LSTMLanguageModel, Tokenizer, Checkpoint]:
@@ -303,12 +303,12 @@ def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
             except FileNotFoundError:
                 raw[name] = None
             except IsADirectoryError:
-                raise CheckpointError(f"{folder / name} is a folder, expected a file") from None
+                raise _checkpoint_error(f"{folder / name} is a folder, expected a file") from None
         if _folder_identity(folder) == before:
             break
     missing = [name for name, data in raw.items() if data is None]
     if missing:
-        raise CheckpointError(f"checkpoint {folder} is missing {', '.join(missing)}")
+        raise _checkpoint_error(f"checkpoint {folder} is missing {', '.join(missing)}")
     return raw
 
 
@@ -316,9 +316,9 @@ def _folder_identity(folder: Path) -> tuple[int, int]:
     try:
         stat = folder.stat()
     except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {folder}") from None
+        raise _checkpoint_error(f"no checkpoint at {folder}") from None
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file, not a checkpoint folder")
+        raise _checkpoint_error(f"{folder} is a file, not a checkpoint folder")
     return stat.st_dev, stat.st_ino
 
 
@@ -326,18 +326,18 @@ def _parse_json(folder: Path, name: str, data: bytes) -> dict:
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise CheckpointError(f"{folder / name} is corrupt (not valid JSON)") from None
+        raise _checkpoint_error(f"{folder / name} is corrupt (not valid JSON)") from None
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{folder / name} is corrupt (expected a JSON object)")
+        raise _checkpoint_error(f"{folder / name} is corrupt (expected a JSON object)")
     return doc
 
 
 def _check_format_version(folder: Path, name: str, doc: dict) -> None:
     version = doc.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{folder / name} has no valid format_version")
+        raise _checkpoint_error(f"{folder / name} has no valid format_version")
     if version > FORMAT_VERSION:
-        raise CheckpointError(
+        raise _checkpoint_error(
             f"checkpoint format {version} is newer than this charlm supports ({FORMAT_VERSION}); upgrade charlm"
         )
 
@@ -345,33 +345,33 @@ def _check_format_version(folder: Path, name: str, doc: dict) -> None:
 def _verify_checksum(folder: Path, name: str, data: bytes, manifest: dict) -> None:
     entry = (manifest.get("files") or {}).get(name)
     if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
-        raise CheckpointError(f"{folder / CHECKSUMS_FILE} has no checksum for {name}")
+        raise _checkpoint_error(f"{folder / CHECKSUMS_FILE} has no checksum for {name}")
     if len(data) != entry["bytes"]:
-        raise CheckpointError(
+        raise _checkpoint_error(
             f"{folder / name} is truncated or altered ({len(data)} bytes, expected {entry['bytes']})"
         )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{folder / name} is corrupt (sha256 does not match {CHECKSUMS_FILE})")
+        raise _checkpoint_error(f"{folder / name} is corrupt (sha256 does not match {CHECKSUMS_FILE})")
 
 
 def _parse_model_config(folder: Path, doc) -> ModelConfig:
     """A hand-edited config.json can hold any JSON: wrong types are a CheckpointError, not a TypeError."""
     where = folder / CONFIG_FILE
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{where}: \"model\" must be an object of model settings")
+        raise _checkpoint_error(f"{where}: \"model\" must be an object of model settings")
     try:
         return ModelConfig.from_dict(doc)
     except CharlmError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
+        raise _checkpoint_error(f"{where}: {exc}") from None
     except (TypeError, ValueError):
-        raise CheckpointError(f"{where}: model settings have the wrong types: {json.dumps(doc)[:200]}") from None
+        raise _checkpoint_error(f"{where}: model settings have the wrong types: {json.dumps(doc)[:200]}") from None
 
 
 def _parse_tensors(folder: Path, name: str, data: bytes) -> dict[str, np.ndarray]:
     try:
         tensors = safetensors.numpy.load(data)
     except Exception as exc:  # the safetensors parser reports every malformed file as its own error type
-        raise CheckpointError(f"{folder / name} is not a valid safetensors file: {_first_line(exc)}") from None
+        raise _checkpoint_error(f"{folder / name} is not a valid safetensors file: {_first_line(exc)}") from None
     return {key: np.require(array, requirements=("C", "W")) for key, array in tensors.items()}
 
 
@@ -380,23 +380,23 @@ def _check_params(folder: Path, params: dict[str, np.ndarray], config: ModelConf
     expected = param_shapes(config)
     missing = [name for name in expected if name not in params]
     if missing:
-        raise CheckpointError(f"{where} does not match {CONFIG_FILE}: missing {', '.join(missing)}")
+        raise _checkpoint_error(f"{where} does not match {CONFIG_FILE}: missing {', '.join(missing)}")
     unexpected = sorted(set(params) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where} does not match {CONFIG_FILE}: unexpected {', '.join(unexpected)}")
+        raise _checkpoint_error(f"{where} does not match {CONFIG_FILE}: unexpected {', '.join(unexpected)}")
     for name, shape in expected.items():
         array = params[name]
         if array.shape != tuple(shape):
-            raise CheckpointError(
+            raise _checkpoint_error(
                 f"{where} does not match {CONFIG_FILE}: {name} has shape {array.shape}, expected {tuple(shape)}"
             )
         if array.dtype != np.dtype(config.dtype):
-            raise CheckpointError(
+            raise _checkpoint_error(
                 f"{where} does not match {CONFIG_FILE}: {name} is {array.dtype}, expected {config.dtype}"
             )
     bad = _non_finite(params)
     if bad:
-        raise CheckpointError(f"{where} holds non-finite weights: {', '.join(bad)}")
+        raise _checkpoint_error(f"{where} holds non-finite weights: {', '.join(bad)}")
 
 
 def _check_optimizer_state(folder: Path, state: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> None:
@@ -405,13 +405,13 @@ def _check_optimizer_state(folder: Path, state: dict[str, np.ndarray], params: d
     for key, array in state.items():
         _, _, param_name = key.partition(".")
         if param_name in params and array.shape != params[param_name].shape:
-            raise CheckpointError(
+            raise _checkpoint_error(
                 f"{where} does not match the weights: {key} has shape {array.shape}, "
                 f"expected {params[param_name].shape}"
             )
     bad = _non_finite(state)
     if bad:
-        raise CheckpointError(f"{where} holds non-finite values: {', '.join(bad)}")
+        raise _checkpoint_error(f"{where} holds non-finite values: {', '.join(bad)}")
 
 
 def _parse_tokenizer(folder: Path, tokenizer_json: str, vocab_size: int) -> Tokenizer:
@@ -419,9 +419,9 @@ def _parse_tokenizer(folder: Path, tokenizer_json: str, vocab_size: int) -> Toke
     try:
         tokenizer = Tokenizer.from_json(tokenizer_json)
     except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise CheckpointError(f"{where} is not a valid tokenizer: {_first_line(exc)}") from None
+        raise _checkpoint_error(f"{where} is not a valid tokenizer: {_first_line(exc)}") from None
     if tokenizer.vocab_size != vocab_size:
-        raise CheckpointError(
+        raise _checkpoint_error(
             f"{where} has {tokenizer.vocab_size} tokens but {CONFIG_FILE} says vocab_size {vocab_size}"
         )
     return tokenizer
@@ -439,6 +439,11 @@ def _tensor_bytes(tensors: dict[str, np.ndarray]) -> bytes:
 def _json_bytes(doc: dict) -> bytes:
     """Strict JSON (no NaN/Infinity) so that any tool can read the file."""
     return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _checkpoint_error(message: str) -> CheckpointError:
+    """Names and keys may come from a stranger's file: escape their line breaks to keep the message one line."""
+    return CheckpointError("\\n".join(message.splitlines()))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -513,3 +513,13 @@ def test_hand_edited_and_resigned_config_loads_or_fails_cleanly(tmp_path, data):
     finally:
         (folder / CONFIG_FILE).write_bytes(original)
         rewrite_checksums(folder)
+
+
+def test_names_with_line_breaks_in_a_hostile_file_keep_the_message_one_line(tmp_path):
+    import safetensors.numpy
+
+    run = make_run()
+    folder = save_checkpoint(tmp_path / "ck", **run)
+    safetensors.numpy.save_file({**run["params"], "evil\nname\r\u2028x": np.zeros(1, np.float32)}, folder / MODEL_FILE)
+    rewrite_checksums(folder)
+    assert "unexpected evil\\nname" in load_error(folder)
