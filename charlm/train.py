@@ -255,43 +255,48 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, ver
         raise ConfigError("use either --resume (continue the run) or --force (replace it), not both")
     ensure_threads_limited()
     out = Path(config.out)
-    checkpoint = _prepare_run_folder(out, resume=resume, force=force, verbose=verbose)
+    checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
     run = _Run(config, out, checkpoint, verbose)
-    with _StopOnSignal(verbose) as stop:
-        return run.loop(stop)
-
-
-def _prepare_run_folder(out: Path, *, resume: bool, force: bool, verbose: bool) -> Checkpoint | None:
-    """Refuse to overwrite another run by accident; return the checkpoint to resume from, if any."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
-    last = out / "last"
-    if resume:
-        if last.exists():
-            return load_checkpoint(last, load_optimizer=True)
-        if verbose:
-            print(f"nothing to resume in {out}; starting a new run", file=sys.stderr)
-        _make_folder(out)
-        return None
-    run_files = [out / name for name in ("last", "best", METRICS_FILE) if (out / name).exists()]
-    if run_files and not force:
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
-    if out.is_dir() and not run_files and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force")
-    for path in run_files:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    _make_folder(out)
-    return None
-
-
-def _make_folder(out: Path) -> None:
+    if force:
+        _remove_run_files(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    with _StopOnSignal(verbose) as stop:
+        return run.loop(stop)
+
+
+def _run_files(out: Path) -> list[Path]:
+    return [out / name for name in ("last", "best", METRICS_FILE) if (out / name).exists()]
+
+
+def _checkpoint_to_resume(out: Path, *, resume: bool, force: bool, verbose: bool) -> Checkpoint | None:
+    """Refuse to overwrite another run by accident; return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if resume:
+        if (out / "last").exists():
+            return load_checkpoint(out / "last", load_optimizer=True)
+        if verbose:
+            print(f"nothing to resume in {out}; starting a new run", file=sys.stderr)
+        return None
+    if force:
+        return None
+    if _run_files(out):
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force")
+    return None
+
+
+def _remove_run_files(out: Path) -> None:
+    """--force: delete the old run's checkpoints and log (only once the new run has loaded its data)."""
+    for path in _run_files(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
@@ -428,7 +433,6 @@ class _Run:
         if self.total_steps is None and self.time_budget_s is None:
             self.time_budget_s = DEFAULT_TIME_BUDGET_MINUTES * 60.0
         self.flops_per_token = training_flops_per_token(self.model_config)
-        self.metrics = _MetricsLog(out / METRICS_FILE, keep_through_step=self.step)
 
     def _total_steps(self) -> int | None:
         limits = []
@@ -482,6 +486,7 @@ class _Run:
 
     def loop(self, stop: _StopOnSignal) -> TrainResult:
         self.session_start = time.monotonic()
+        self.metrics = _MetricsLog(self.out / METRICS_FILE, keep_through_step=self.step)
         try:
             reason = self._finished_reason()
             if reason is not None:

@@ -11,7 +11,7 @@ import pytest
 
 import charlm.train as train_module
 from charlm.checkpoint import load_checkpoint
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, CorpusError
 from charlm.train import (VOLATILE_METRIC_KEYS, TrainConfig, TrainingDiverged, load_recipe, merge_options,
                           train)
 
@@ -158,6 +158,9 @@ def test_output_folder_holding_a_run_needs_resume_or_force(corpus, tmp_path):
         train(tiny_config(corpus, out, max_steps=3), verbose=False)
     with pytest.raises(ConfigError, match="not both"):
         train(tiny_config(corpus, out, max_steps=3), resume=True, force=True, verbose=False)
+    with pytest.raises(CorpusError):
+        train(tiny_config(tmp_path / "missing.txt", out), force=True, verbose=False)
+    assert (out / "last").is_dir()  # a failed --force start leaves the old run alone
     result = train(tiny_config(corpus, out, max_steps=4, seed=5), force=True, verbose=False)
     assert result.step == 4
     assert [m["step"] for m in stable_metrics(out)][0] == 3
