@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,8 +122,6 @@ def test_files_are_standard_formats(tmp_path):
     assert config["format_version"] == FORMAT_VERSION
     assert config["model"] == make_run()["model_config"].to_dict()
     assert json.loads((folder / TRAINER_STATE_FILE).read_text())["format_version"] == FORMAT_VERSION
-    import safetensors.numpy
-
     weights = safetensors.numpy.load_file(folder / MODEL_FILE)
     assert sorted(weights) == sorted(make_run()["params"])
 
@@ -301,8 +300,6 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_non_finite_weights_in_a_handmade_file_are_refused(tmp_path):
-    import safetensors.numpy
-
     run = make_run()
     folder = save_checkpoint(tmp_path / "ck", **run)
     params = dict(run["params"])
@@ -482,7 +479,8 @@ def test_loading_while_another_process_keeps_saving(tmp_path):
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
 )
@@ -516,10 +514,9 @@ def test_hand_edited_and_resigned_config_loads_or_fails_cleanly(tmp_path, data):
 
 
 def test_names_with_line_breaks_in_a_hostile_file_keep_the_message_one_line(tmp_path):
-    import safetensors.numpy
-
     run = make_run()
     folder = save_checkpoint(tmp_path / "ck", **run)
-    safetensors.numpy.save_file({**run["params"], "evil\nname\r\u2028x": np.zeros(1, np.float32)}, folder / MODEL_FILE)
+    hostile = {**run["params"], "evil\nname\r\u2028x": np.zeros(1, np.float32)}
+    safetensors.numpy.save_file(hostile, folder / MODEL_FILE)
     rewrite_checksums(folder)
     assert "unexpected evil\\nname" in load_error(folder)

@@ -295,7 +295,8 @@ def test_generate_on_random_prompts_never_tracebacks(trained, prompt, unknown, t
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(before=ANY_TEXT, after=ANY_TEXT, blanks=st.sampled_from([0, 1, 1, 1, 2]), unknown=st.sampled_from(["error", "replace"]))
+@given(before=ANY_TEXT, after=ANY_TEXT, blanks=st.sampled_from([0, 1, 1, 1, 2]),
+       unknown=st.sampled_from(["error", "replace"]))
 def test_complete_on_random_text_never_tracebacks(trained, before, after, blanks, unknown):
     text = before + "___" * blanks + after
     result = invoke("complete", trained[0], text, "--top", "2", "--beam-width", "2", "--unknown", unknown)
