@@ -28,12 +28,12 @@ from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from charlm.config import ModelConfig
 from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
-from charlm.errors import CharlmError, ConfigError, CorpusError
+from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
 from charlm.optim import SCHEDULES, AdamW, PlateauDecay, clip_grad_norm, learning_rate
 from charlm.runtime import ensure_threads_limited
-from charlm.tokenize import Tokenizer, train_tokenizer
+from charlm.tokenize import train_tokenizer
 
 TOKENIZERS = ("char", "word", "bpe")
 ENCODING_ERRORS = ("strict", "replace")
@@ -390,7 +390,7 @@ class _Run:
             raise ConfigError(f"--resume: corpus {config.corpus!r} differs from the one this run was trained on")
         self.corpus_checksum = splits.checksum
         if checkpoint is not None:
-            self.tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+            self.tokenizer = checkpoint.tokenizer
         else:
             self.tokenizer = train_tokenizer(config.tokenizer, splits.train, config.vocab_size)
         self.tokenizer_json = self.tokenizer.to_json()
@@ -443,6 +443,15 @@ class _Run:
         return min(limits) if limits else None
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        """Load the resumable state; a checkpoint written without it (say a copied best/) cannot resume."""
+        try:
+            self._restore_state(checkpoint)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{checkpoint.folder} lacks the training state needed to resume ({exc}); start over with --force"
+            ) from None
+
+    def _restore_state(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.trainer_state
         moments = checkpoint.optimizer_state or {}
         self.optimizer.load_state_dict(moments, state["optimizer_steps"])
