@@ -100,7 +100,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None
     eval_every: int = 200
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
 
