@@ -368,7 +368,10 @@ class _MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
-        record = {**record, "time": round(time.time(), 3)}
+        """Strict JSON: a non-finite number (a diverged loss, an infinite perplexity) is written as null."""
+        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
+        record["time"] = round(time.time(), 3)
         self._handle.write(json.dumps(record, allow_nan=False) + "\n")
         self._handle.flush()
 
@@ -610,8 +613,9 @@ class _Run:
     def _validate(self, progress: _Progress) -> None:
         """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
         result = evaluate_ids(self.model, self.valid_ids, chars=self.valid_chars)
-        self.last_val_loss = result.loss
-        improved = self.best_val_loss is None or result.loss < self.best_val_loss
+        finite = math.isfinite(result.loss)
+        self.last_val_loss = result.loss if finite else None
+        improved = finite and (self.best_val_loss is None or result.loss < self.best_val_loss)
         if self.config.schedule == "plateau":
             self.plateau.update(result.loss)
         if improved:

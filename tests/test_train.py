@@ -257,3 +257,15 @@ def test_flops_estimate_counts_every_matrix():
     config = TrainConfig(corpus="x", out="y").model_config(vocab_size=10)
     lstm = 4 * 512 * (128 + 512) + 4 * 512 * (512 + 512)
     assert train_module.training_flops_per_token(config) == 6 * (lstm + 10 * 512)
+
+
+def test_a_non_finite_validation_loss_is_logged_as_null_and_never_best(corpus, tmp_path, monkeypatch):
+    from charlm.evaluate import EvalResult
+
+    nan = EvalResult(loss=math.nan, perplexity=math.nan, bits_per_char=math.nan, tokens=10, chars=10)
+    monkeypatch.setattr(train_module, "evaluate_ids", lambda *args, **kwargs: nan)
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_steps=4, eval_every=2), verbose=False)
+    assert result.best_val_loss is None and not (out / "best").exists()
+    val = [m for m in stable_metrics(out) if m["event"] == "val"]
+    assert [m["loss"] for m in val] == [None, None] and not any(m["best"] for m in val)
