@@ -15,7 +15,7 @@ from numba import njit, prange
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def embedding_forward(table, ids, out):
     """Row lookup: out[n] = table[ids[n]].
 
@@ -25,24 +25,17 @@ def embedding_forward(table, ids, out):
         out[n, :] = table[ids[n]]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def embedding_backward(d_table, ids, d_rows):
     """Scatter-add, the backward of `embedding_forward`: d_table[ids[n]] += d_rows[n] (d_table is not zeroed).
 
-    d_table: (V, D); ids: (N,) integer; d_rows: (N, D). Threads split the columns, so no two write one cell.
+    d_table: (V, D); ids: (N,) integer; d_rows: (N, D). Threads may run it on disjoint column ranges.
     """
-    n_rows, width = d_rows.shape
-    block = 64
-    for start in prange((width + block - 1) // block):
-        lo = start * block
-        hi = min(lo + block, width)
-        for n in range(n_rows):
-            row = ids[n]
-            for j in range(lo, hi):
-                d_table[row, j] += d_rows[n, j]
+    for n in range(d_rows.shape[0]):
+        d_table[ids[n]] += d_rows[n]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
     """One LSTM time step for B rows: gate nonlinearities and the cell update, fused.
 
@@ -77,7 +70,7 @@ def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
             h[b, k] = o * tc
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def lstm_cell_backward(d_gates, acts, d_h_recurrent, d_h_out, mask, c_prev, tanh_c, d_c):
     """Backward of `lstm_cell_forward` for one step: gradients of the four gate pre-activations.
 
@@ -104,7 +97,7 @@ def lstm_cell_backward(d_gates, acts, d_h_recurrent, d_h_out, mask, c_prev, tanh
             d_c[b, k] = dc * f
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def softmax_xent_forward(logits, bias, targets):
     """Summed cross-entropy (nats, float64) of softmax(logits + bias) against targets, stable by max subtraction.
 
@@ -112,7 +105,7 @@ def softmax_xent_forward(logits, bias, targets):
     """
     n_rows, vocab = logits.shape
     total = 0.0
-    for n in prange(n_rows):
+    for n in range(n_rows):
         top = -np.inf
         for v in range(vocab):
             z = logits[n, v] + bias[v]
@@ -125,7 +118,7 @@ def softmax_xent_forward(logits, bias, targets):
     return total
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
     """`softmax_xent_forward` that also overwrites logits with its gradient (softmax - onehot) * grad_scale.
 
@@ -134,7 +127,7 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
     """
     n_rows, vocab = logits.shape
     total = 0.0
-    for n in prange(n_rows):
+    for n in range(n_rows):
         top = -np.inf
         for v in range(vocab):
             z = logits[n, v] + bias[v]

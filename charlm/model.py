@@ -17,7 +17,7 @@ import numpy as np
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.runtime import ensure_threads_limited
+from charlm.runtime import ensure_threads_limited, parallel_chunks, parallel_matmul, single_threaded_blas
 
 # Gate order inside the 4H rows of w_ih, w_hh and bias (PyTorch's, so weights copy over unchanged).
 GATES = ("input", "forget", "cell", "output")
@@ -175,35 +175,46 @@ class LSTMLanguageModel:
         ]
 
     def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, use_table: bool) -> np.ndarray:
-        """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied."""
+        """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied.
+
+        The time loop runs on the threads' shares of the batch rows, which stay independent for all T."""
         steps, batch = ids.shape
         n_tokens = steps * batch
         hidden = self.config.hidden_size
         params = self.params
         for layer in range(self.config.num_layers):
-            w_ih = params[f"lstm.{layer}.w_ih"]
             w_hh_t = params[f"lstm.{layer}.w_hh"].T
+            w_ih = params[f"lstm.{layer}.w_ih"]
             bias = params[f"lstm.{layer}.bias"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             h[0] = h0[layer]
             c[0] = c0[layer]
-            if layer == 0 and use_table:
+            table = use_table and layer == 0
+            if table:
                 np.matmul(params["embedding"], w_ih.T, out=ws.table)
-                for t in range(steps):
-                    np.matmul(h[t], w_hh_t, out=acts[t])
-                    kernels.lstm_cell_forward(acts[t], ws.table, ids[t], acts[t], bias, c[t], c[t + 1], h[t + 1],
-                                              tanh_c[t])
-                continue
-            if layer == 0:
-                kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
-                inputs = ws.embedded
             else:
-                inputs = self._layer_input(ws, layer, masks)
-            np.matmul(inputs.reshape(n_tokens, -1), w_ih.T, out=acts.reshape(n_tokens, 4 * hidden))
-            for t in range(steps):
-                np.matmul(h[t], w_hh_t, out=ws.recurrent)
-                kernels.lstm_cell_forward(acts[t], acts[t], ws.batch_rows, ws.recurrent, bias, c[t], c[t + 1],
-                                          h[t + 1], tanh_c[t])
+                if layer == 0:
+                    kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
+                    inputs = ws.embedded
+                else:
+                    inputs = self._layer_input(ws, layer, masks)
+                parallel_matmul(inputs.reshape(n_tokens, -1), w_ih.T, acts.reshape(n_tokens, 4 * hidden))
+
+            def time_loop(lo: int, hi: int) -> None:
+                recurrent = ws.recurrent[lo:hi]
+                rows = ws.batch_rows[: hi - lo]
+                for t in range(steps):
+                    step_acts = acts[t, lo:hi]
+                    if table:
+                        np.matmul(h[t, lo:hi], w_hh_t, out=step_acts)
+                        kernels.lstm_cell_forward(step_acts, ws.table, ids[t, lo:hi], step_acts, bias, c[t, lo:hi],
+                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi])
+                    else:
+                        np.matmul(h[t, lo:hi], w_hh_t, out=recurrent)
+                        kernels.lstm_cell_forward(step_acts, step_acts, rows, recurrent, bias, c[t, lo:hi],
+                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi])
+
+            parallel_chunks(batch, time_loop)
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
 
     @staticmethod
@@ -234,15 +245,21 @@ class LSTMLanguageModel:
         if train and self.config.dropout > 0.0:
             masks = self._dropout_masks(batch, self._dropout_rng if rng is None else rng)
         use_table = self._uses_table(n_tokens)
-        outputs = self._run_layers(ws, ids, h0, c0, masks, use_table)
-        np.matmul(outputs, self._decoder_weight.T, out=ws.logits)
         bias = self.params["decoder.bias"]
         flat_targets = targets.reshape(-1)
+        logits = ws.logits
+
+        def cross_entropy(lo: int, hi: int) -> float:
+            if train:
+                return kernels.softmax_xent_forward_backward(logits[lo:hi], bias, flat_targets[lo:hi], 1.0 / n_tokens)
+            return kernels.softmax_xent_forward(logits[lo:hi], bias, flat_targets[lo:hi])
+
+        with single_threaded_blas():
+            outputs = self._run_layers(ws, ids, h0, c0, masks, use_table)
+            parallel_matmul(outputs, self._decoder_weight.T, logits)
+            total = sum(parallel_chunks(n_tokens, cross_entropy))
         if train:
-            total = kernels.softmax_xent_forward_backward(ws.logits, bias, flat_targets, 1.0 / n_tokens)
             self._saved = {"ws": ws, "ids": ids, "masks": masks, "use_table": use_table, "outputs": outputs}
-        else:
-            total = kernels.softmax_xent_forward(ws.logits, bias, flat_targets)
         return float(total) / n_tokens, self._final_state(ws)
 
     def backward(self) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -253,58 +270,75 @@ class LSTMLanguageModel:
             raise RuntimeError("backward() needs a preceding forward(train=True)")
         saved, self._saved = self._saved, None
         ws, ids, masks, use_table = saved["ws"], saved["ids"], saved["masks"], saved["use_table"]
-        config, params = self.config, self.params
+        config = self.config
         if self._grads is None:
-            self._grads = {name: np.zeros_like(p) for name, p in params.items()}
+            self._grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         grads = self._grads
+        batch = ids.shape[1]
+        d_h0 = np.zeros((config.num_layers, batch, config.hidden_size), self._dtype)
+        d_c0 = np.zeros_like(d_h0)
+        with single_threaded_blas():
+            self._backward_layers(ws, ids, masks, use_table, saved["outputs"], grads, d_h0, d_c0)
+        if config.tie_weights:
+            grads["embedding"] += ws.d_decoder
+        return grads, (d_h0, d_c0)
+
+    def _backward_layers(self, ws: _Workspace, ids, masks, use_table: bool, outputs, grads, d_h0, d_c0) -> None:
+        """Decoder, then every layer in reverse time; each weight gradient is one GEMM over the window."""
+        config, params = self.config, self.params
         steps, batch = ids.shape
         n_tokens = steps * batch
         hidden = config.hidden_size
         flat_ids = ids.reshape(-1)
-
         d_logits = ws.logits
         decoder_grad = ws.d_decoder if config.tie_weights else grads["decoder.weight"]
-        np.matmul(d_logits.T, saved["outputs"], out=decoder_grad)
+        parallel_matmul(d_logits.T, outputs, decoder_grad)
         np.sum(d_logits, axis=0, out=grads["decoder.bias"])
         d_above = ws.d_hidden
-        np.matmul(d_logits, self._decoder_weight, out=d_above.reshape(n_tokens, hidden))
-
-        d_h0 = np.zeros((config.num_layers, batch, hidden), self._dtype)
-        d_c0 = np.zeros_like(d_h0)
+        parallel_matmul(d_logits, self._decoder_weight, d_above.reshape(n_tokens, hidden))
         for layer in reversed(range(config.num_layers)):
             w_hh = params[f"lstm.{layer}.w_hh"]
             w_ih = params[f"lstm.{layer}.w_ih"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             mask = ws.ones if masks is None else masks[layer + 1]
-            ws.d_h.fill(0.0)
-            ws.d_c.fill(0.0)
-            for t in reversed(range(steps)):
-                kernels.lstm_cell_backward(acts[t], acts[t], ws.d_h, d_above[t], mask, c[t], tanh_c[t], ws.d_c)
-                np.matmul(acts[t], w_hh, out=ws.d_h)
+
+            def time_loop(lo: int, hi: int) -> None:
+                d_h, d_c = ws.d_h[lo:hi], ws.d_c[lo:hi]
+                d_h.fill(0.0)
+                d_c.fill(0.0)
+                for t in reversed(range(steps)):
+                    step = acts[t, lo:hi]
+                    kernels.lstm_cell_backward(step, step, d_h, d_above[t, lo:hi], mask[lo:hi], c[t, lo:hi],
+                                               tanh_c[t, lo:hi], d_c)
+                    np.matmul(step, w_hh, out=d_h)
+
+            parallel_chunks(batch, time_loop)
             d_h0[layer] = ws.d_h
             d_c0[layer] = ws.d_c
             d_gates = acts.reshape(n_tokens, 4 * hidden)
-            np.matmul(d_gates.T, h[:-1].reshape(n_tokens, hidden), out=grads[f"lstm.{layer}.w_hh"])
+            parallel_matmul(d_gates.T, h[:-1].reshape(n_tokens, hidden), grads[f"lstm.{layer}.w_hh"])
             if layer == 0 and use_table:
-                ws.d_table.fill(0.0)
-                kernels.embedding_backward(ws.d_table, flat_ids, d_gates)
-                np.matmul(ws.d_table.T, params["embedding"], out=grads["lstm.0.w_ih"])
-                np.sum(ws.d_table, axis=0, out=grads["lstm.0.bias"])
-                np.matmul(ws.d_table, w_ih, out=grads["embedding"])
+                d_table = ws.d_table
+                d_table.fill(0.0)
+                parallel_chunks(4 * hidden, lambda lo, hi: kernels.embedding_backward(
+                    d_table[:, lo:hi], flat_ids, d_gates[:, lo:hi]))
+                parallel_matmul(d_table.T, params["embedding"], grads["lstm.0.w_ih"])
+                np.sum(d_table, axis=0, out=grads["lstm.0.bias"])
+                parallel_matmul(d_table, w_ih, grads["embedding"])
                 continue
             np.sum(d_gates, axis=0, out=grads[f"lstm.{layer}.bias"])
             if layer == 0:
-                np.matmul(d_gates.T, ws.embedded.reshape(n_tokens, -1), out=grads["lstm.0.w_ih"])
-                np.matmul(d_gates, w_ih, out=ws.d_embedded.reshape(n_tokens, -1))
-                grads["embedding"].fill(0.0)
-                kernels.embedding_backward(grads["embedding"], flat_ids, ws.d_embedded.reshape(n_tokens, -1))
+                d_embedded = ws.d_embedded.reshape(n_tokens, -1)
+                parallel_matmul(d_gates.T, ws.embedded.reshape(n_tokens, -1), grads["lstm.0.w_ih"])
+                parallel_matmul(d_gates, w_ih, d_embedded)
+                d_embedding = grads["embedding"]
+                d_embedding.fill(0.0)
+                parallel_chunks(d_embedding.shape[1], lambda lo, hi: kernels.embedding_backward(
+                    d_embedding[:, lo:hi], flat_ids, d_embedded[:, lo:hi]))
             else:
                 inputs = self._layer_input_saved(ws, layer, masks)
-                np.matmul(d_gates.T, inputs.reshape(n_tokens, hidden), out=grads[f"lstm.{layer}.w_ih"])
-                np.matmul(d_gates, w_ih, out=d_above.reshape(n_tokens, hidden))
-        if config.tie_weights:
-            grads["embedding"] += ws.d_decoder
-        return grads, (d_h0, d_c0)
+                parallel_matmul(d_gates.T, inputs.reshape(n_tokens, hidden), grads[f"lstm.{layer}.w_ih"])
+                parallel_matmul(d_gates, w_ih, d_above.reshape(n_tokens, hidden))
 
     @staticmethod
     def _layer_input_saved(ws: _Workspace, layer: int, masks) -> np.ndarray:
@@ -318,8 +352,10 @@ class LSTMLanguageModel:
         h0, c0 = self._check_state(state, batch)
         self._saved = None
         ws = self._workspace(steps, batch, False)
-        outputs = self._run_layers(ws, ids, h0, c0, None, self._uses_table(steps * batch))
-        logits = outputs @ self._decoder_weight.T
+        logits = np.empty((steps * batch, self.config.vocab_size), self._dtype)
+        with single_threaded_blas():
+            outputs = self._run_layers(ws, ids, h0, c0, None, self._uses_table(steps * batch))
+            parallel_matmul(outputs, self._decoder_weight.T, logits)
         logits += self.params["decoder.bias"]
         return logits.reshape(steps, batch, -1), self._final_state(ws)
 

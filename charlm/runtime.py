@@ -1,16 +1,27 @@
-"""Thread pinning: BLAS and Numba each run their own thread pool, and on a small CPU the two must not
-oversubscribe the cores (a 2-core machine running 2 BLAS + 2 Numba spinning threads loses a lot)."""
+"""Threads: BLAS and Numba each run their own pool, and on a small, shared CPU they must not oversubscribe
+the cores. The model parallelises itself instead: `parallel_chunks` gives each thread a contiguous share
+(e.g. of the batch rows, which an LSTM keeps independent through all T steps) while BLAS runs one thread
+per call, so threads meet once per phase instead of in every time step. Per-step barriers inside a
+multi-threaded BLAS cost little on an idle machine but are ruinous when other processes share the cores.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 
 import numba
+import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from charlm.errors import ConfigError
 
+_controller: ThreadpoolController | None = None
 _limiter = None  # keeps threadpoolctl's limits object alive for the life of the process
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
 
 
 def available_cores() -> int:
@@ -22,12 +33,18 @@ def available_cores() -> int:
 
 def limit_threads(n: int | None = None) -> int:
     """Pin BLAS (via threadpoolctl) and Numba to `n` threads (default: the available cores); returns n."""
-    global _limiter
+    global _controller, _limiter, _threads, _pool
     n = available_cores() if n is None else n
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"thread count must be a positive integer, got {n!r}")
-    _limiter = ThreadpoolController().limit(limits=n)
+    _controller = ThreadpoolController()
+    _limiter = _controller.limit(limits=n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if n != _threads:
+        if _pool is not None:
+            _pool.shutdown()
+        _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="charlm") if n > 1 else None
+        _threads = n
     return n
 
 
@@ -35,3 +52,29 @@ def ensure_threads_limited() -> None:
     """Apply the default `limit_threads()` unless the caller already chose a limit."""
     if _limiter is None:
         limit_threads()
+
+
+def single_threaded_blas() -> AbstractContextManager:
+    """Context in which every BLAS call runs on its calling thread (for calls made from `parallel_chunks`)."""
+    ensure_threads_limited()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def parallel_chunks(n_items: int, work: Callable[[int, int], object]) -> list:
+    """Run work(start, stop) over contiguous chunks of range(n_items), one per thread (the caller takes the
+    first); returns the results in chunk order. `work` should release the GIL (BLAS, nogil kernels)."""
+    ensure_threads_limited()
+    n_chunks = min(_threads, n_items)
+    bounds = [n_items * k // n_chunks for k in range(n_chunks + 1)]
+    futures = [_pool.submit(work, bounds[k], bounds[k + 1]) for k in range(1, n_chunks)]
+    first = work(bounds[0], bounds[1])
+    return [first] + [future.result() for future in futures]
+
+
+def parallel_matmul(a, b, out) -> None:
+    """out = a @ b with the rows of a and out split across the threads (single-threaded BLAS inside)."""
+
+    def rows(start: int, stop: int) -> None:
+        np.matmul(a[start:stop], b, out=out[start:stop])
+
+    parallel_chunks(a.shape[0], rows)
