@@ -414,7 +414,11 @@ def benchmark_config(config: BenchConfig, args: argparse.Namespace) -> list[Task
     workload = Workload.random(config)
     libraries = ["charlm", "torch"] if args.vs_torch else ["charlm"]
     runners = [RUNNERS[lib](config, workload, args.dropout, args.gen_tokens) for lib in libraries]
-    seconds = {task: time_interleaved(runners, task, args.reps, args.warmup) for task in args.tasks}
+    seconds = {}
+    for task in args.tasks:
+        seconds[task] = time_interleaved(runners, task, args.reps, args.warmup)
+        progress = ", ".join(f"{lib} {1e3 * s:.1f} ms" for lib, s in seconds[task].items())
+        print(f"{config.name} {task}: median per call {progress}", file=sys.stderr, flush=True)
     del runners
     jobs = [(lib, config, task) for task in args.tasks for lib in libraries]
     peaks = dict(zip(((lib, task) for lib, _, task in jobs), measure_peak_rss(jobs, args)))
