@@ -9,11 +9,15 @@ BLAS (numpy.matmul into preallocated buffers); these kernels are the elementwise
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
+
+from charlm.runtime import parallel_chunks
 
 # Fast-math without "nnan"/"ninf": the softmax's max subtraction and the sampling code must see infinities.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Below this many elements an elementwise pass is not worth handing to a second thread.
+_MIN_ELEMENTWISE_CHUNK = 1 << 15
 
 # Odd rational approximation of tanh on [-7.905, 7.905] (Eigen's float version), ~3 ulp in float32. Without
 # a vector math library exp/tanh are scalar calls; this is plain arithmetic, so the gate loops vectorise.
@@ -283,7 +287,7 @@ def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b
     return _sample(logits, temperature, top_k, top_p, uniform, probs)
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _adamw_kernel(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     one = param.dtype.type(1.0)
     b1 = param.dtype.type(beta1)
@@ -292,7 +296,7 @@ def _adamw_kernel(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     step_size = param.dtype.type(lr / (1.0 - beta1**step))
     inv_root_correction = param.dtype.type(1.0 / np.sqrt(1.0 - beta2**step))
     epsilon = param.dtype.type(eps)
-    for n in prange(param.shape[0]):
+    for n in range(param.shape[0]):
         g = grad[n]
         m[n] = b1 * m[n] + (one - b1) * g
         v[n] = b2 * v[n] + (one - b2) * g * g
@@ -307,14 +311,16 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     arrays = (param, grad, m, v)
     if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
         raise ValueError("adamw_update needs C-contiguous arrays of one shape")
-    _adamw_kernel(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
-                  float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+    flat = [a.reshape(-1) for a in arrays]
+    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+    parallel_chunks(param.size, lambda lo, hi: _adamw_kernel(*(a[lo:hi] for a in flat), *scalars),
+                    min_chunk=_MIN_ELEMENTWISE_CHUNK)
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _sum_of_squares_kernel(flat):
     total = 0.0
-    for n in prange(flat.shape[0]):
+    for n in range(flat.shape[0]):
         x = np.float64(flat[n])
         total += x * x
     return total
@@ -322,4 +328,6 @@ def _sum_of_squares_kernel(flat):
 
 def sum_of_squares(grad) -> float:
     """Σ grad² accumulated in float64, for global-norm gradient clipping."""
-    return float(_sum_of_squares_kernel(np.ascontiguousarray(grad).reshape(-1)))
+    flat = np.ascontiguousarray(grad).reshape(-1)
+    return float(sum(parallel_chunks(flat.size, lambda lo, hi: _sum_of_squares_kernel(flat[lo:hi]),
+                                     min_chunk=_MIN_ELEMENTWISE_CHUNK)))

@@ -60,11 +60,12 @@ def single_threaded_blas() -> AbstractContextManager:
     return _controller.limit(limits=1, user_api="blas")
 
 
-def parallel_chunks(n_items: int, work: Callable[[int, int], object]) -> list:
+def parallel_chunks(n_items: int, work: Callable[[int, int], object], min_chunk: int = 1) -> list:
     """Run work(start, stop) over contiguous chunks of range(n_items), one per thread (the caller takes the
-    first); returns the results in chunk order. `work` should release the GIL (BLAS, nogil kernels)."""
+    first) and none smaller than min_chunk; returns the results in chunk order. `work` should release the
+    GIL (BLAS, nogil kernels)."""
     ensure_threads_limited()
-    n_chunks = min(_threads, n_items)
+    n_chunks = max(1, min(_threads, n_items // min_chunk))
     bounds = [n_items * k // n_chunks for k in range(n_chunks + 1)]
     futures = [_pool.submit(work, bounds[k], bounds[k + 1]) for k in range(1, n_chunks)]
     first = work(bounds[0], bounds[1])
