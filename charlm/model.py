@@ -6,6 +6,7 @@ projection of all T steps is one GEMM (or, for layer 0 with a small vocabulary, 
 precomputed (V, 4H) table embedding @ W_ih0ᵀ); each step is one recurrent GEMM h @ W_hhᵀ plus one fused
 Numba kernel. Backward runs the steps in reverse with one fused kernel each and forms every weight
 gradient as a single GEMM over the whole window. Buffers are allocated once per (T, B, train) shape.
+Threads split the batch rows for the time loops and the rows of every large GEMM (see charlm.runtime).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.runtime import ensure_threads_limited, parallel_chunks, parallel_matmul, single_threaded_blas
 
-# Gate order inside the 4H rows of w_ih, w_hh and bias (PyTorch's, so weights copy over unchanged).
-GATES = ("input", "forget", "cell", "output")
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape, in the fixed order used by checkpoints and optimizers."""
+    """Parameter name -> shape, in the fixed order used by checkpoints and optimizers.
+
+    The 4H rows of w_ih, w_hh and bias hold the gates in PyTorch's order i, f, g, o, so weights copy over
+    unchanged; PyTorch's two biases (b_ih + b_hh) are one here."""
     vocab, hidden = config.vocab_size, config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embedding": (vocab, config.embed_dim)}
     for layer in range(config.num_layers):
