@@ -9,7 +9,7 @@ BLAS (numpy.matmul into preallocated buffers); these kernels are the elementwise
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from charlm.runtime import parallel_chunks
@@ -198,13 +198,12 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _matvec_add(out, weight, x):
-    """out[j] += weight[j] · x with contiguous inner products; weight: (R, K), x: (K,)."""
-    for j in range(weight.shape[0]):
-        acc = out.dtype.type(0.0)
-        for k in range(weight.shape[1]):
-            acc += weight[j, k] * x[k]
-        out[j] += acc
+def _dot(row, x):
+    """row · x as one contiguous, vectorised inner product."""
+    acc = row.dtype.type(0.0)
+    for k in range(row.shape[0]):
+        acc += row[k] * x[k]
+    return acc
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -253,7 +252,7 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     return last
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b,
                   temperature, top_k, top_p, uniform, gates, logits, probs):
     """Batch-1 streaming step: feed `token` through all layers, the decoder and the sampler; return the next token.
@@ -261,19 +260,17 @@ def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b
     h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
     or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
     ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (4H,), logits (V,), probs (V,)
-    float64. Sampling as in `_sample`.
+    float64. Sampling as in `_sample`. At batch 1 the matrix-vector products are memory-bound, so the
+    threads split their rows (one short parallel region per layer and one for the decoder).
     """
     n_layers, hidden = h.shape
     for layer in range(n_layers):
-        gates[:] = bias[layer]
-        if layer == 0:
-            if table0.shape[0] > 0:
-                gates += table0[token]
-            else:
-                _matvec_add(gates, w_ih[0], embedding[token])
-        else:
-            _matvec_add(gates, w_ih[layer], h[layer - 1])
-        _matvec_add(gates, w_hh[layer], h[layer])
+        use_table = layer == 0 and table0.shape[0] > 0
+        inputs = embedding[token] if layer == 0 else h[layer - 1]
+        w_in, w_rec, b, h_prev = w_ih[layer], w_hh[layer], bias[layer], h[layer]
+        for j in prange(4 * hidden):
+            projected = table0[token, j] if use_table else _dot(w_in[j], inputs)
+            gates[j] = b[j] + projected + _dot(w_rec[j], h_prev)
         for k in range(hidden):
             i = _sigmoid(gates[k])
             f = _sigmoid(gates[hidden + k])
@@ -282,8 +279,9 @@ def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b
             cell = f * c[layer, k] + i * g
             c[layer, k] = cell
             h[layer, k] = o * _tanh(cell)
-    logits[:] = dec_b
-    _matvec_add(logits, dec_w, h[n_layers - 1])
+    top = h[n_layers - 1]
+    for v in prange(dec_w.shape[0]):
+        logits[v] = dec_b[v] + _dot(dec_w[v], top)
     return _sample(logits, temperature, top_k, top_p, uniform, probs)
 
 
