@@ -9,8 +9,9 @@ BLAS (numpy.matmul into preallocated buffers); these kernels are the elementwise
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from charlm.runtime import parallel_chunks
 
@@ -36,6 +37,46 @@ def _tanh(x):
 def _sigmoid(x):
     """Logistic sigmoid for the kernels, through `_tanh` in float32."""
     return 1.0 / (1.0 + np.exp(-x))
+
+
+# Cephes expf: exp(x) = 2**n * exp(r) with |r| <= ln2/2, a degree-7 polynomial for exp(r); ~1 ulp.
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+             5.0000001201e-1)
+
+
+def _exp(x):
+    """exp for the kernels: vectorisable Cephes expf in float32, libm exp in float64."""
+    return np.exp(x)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret an int32's bits as a float32 (builds 2**n from its exponent field)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@overload(_exp, jit_options={"fastmath": FASTMATH})
+def _exp_overload(x):
+    if x != types.float32:
+        return lambda x: np.exp(x)
+    c0, c1, c2, c3, c4, c5 = (np.float32(c) for c in _EXP_POLY)
+    log2e, ln2_hi, ln2_lo = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+    low, high, half, one = np.float32(-87.0), np.float32(88.0), np.float32(0.5), np.float32(1.0)
+
+    def float32_exp(x):
+        x = min(max(x, low), high)
+        n = np.floor(x * log2e + half)
+        r = x - n * ln2_hi - n * ln2_lo
+        p = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * r * r + r + one
+        return p * _float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+    return float32_exp
 
 
 @overload(_tanh, jit_options={"fastmath": FASTMATH})
@@ -161,7 +202,7 @@ def softmax_xent_forward(logits, bias, targets):
                 top = z
         acc = 0.0
         for v in range(vocab):
-            acc += np.exp(logits[n, v] + bias[v] - top)
+            acc += _exp(logits[n, v] + bias[v] - top)
         total += np.log(acc) + top - (logits[n, targets[n]] + bias[targets[n]])
     return total
 
@@ -184,7 +225,7 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
                 top = z
         acc = 0.0
         for v in range(vocab):
-            e = np.exp(logits[n, v] - top)
+            e = _exp(logits[n, v] - top)
             logits[n, v] = e
             acc += e
         target = targets[n]
