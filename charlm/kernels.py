@@ -195,7 +195,7 @@ def softmax_xent_forward(logits, bias, targets):
     n_rows, vocab = logits.shape
     total = 0.0
     for n in range(n_rows):
-        top = -np.inf
+        top = logits[n, 0] + bias[0]  # not -inf: a float64 start would turn the whole row math float64
         for v in range(vocab):
             z = logits[n, v] + bias[v]
             if z > top:
@@ -217,19 +217,19 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
     n_rows, vocab = logits.shape
     total = 0.0
     for n in range(n_rows):
-        top = -np.inf
+        top = logits[n, 0] + bias[0]  # not -inf: a float64 start would turn the whole row math float64
         for v in range(vocab):
             z = logits[n, v] + bias[v]
             logits[n, v] = z
             if z > top:
                 top = z
+        target = targets[n]
+        z_target = logits[n, target]  # kept before exp: a far-below-max target's probability underflows
         acc = 0.0
         for v in range(vocab):
             e = _exp(logits[n, v] - top)
             logits[n, v] = e
             acc += e
-        target = targets[n]
-        z_target = np.log(logits[n, target]) + top
         total += np.log(acc) + top - z_target
         scale = logits.dtype.type(grad_scale / acc)
         for v in range(vocab):
