@@ -98,6 +98,7 @@ class Tokenizer:
             raise ConfigError(f"unknown must be one of {', '.join(UNKNOWN_MODES)}, got {unknown!r}")
         if not text:
             return np.zeros(0, dtype=np.int32)
+        _require_encodable(text)
         if self.kind == "char":
             return self._encode_chars(text, unknown)
         return self._encode_with_backend(text, unknown)
@@ -314,3 +315,15 @@ def _unknown_message(what: str, unseen: list[str]) -> str:
     more = f" and {len(unseen) - SHOWN_UNKNOWNS} more" if len(unseen) > SHOWN_UNKNOWNS else ""
     return (f"text has {what} not in the tokenizer's vocabulary: {shown}{more}; "
             f"encode with unknown='replace' to map them to {UNK}")
+
+
+def _require_encodable(text: str) -> None:
+    """Lone surrogates (e.g. undecodable bytes smuggled in by the OS) are not text any tokenizer can encode."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(
+            f"text holds a lone surrogate U+{ord(text[exc.start]):04X} at position {exc.start}, which is not valid Unicode"
+        ) from None

@@ -252,3 +252,8 @@ def test_ptb_char_fast_path_matches_library_on_real_text(corpora_dir):
     assert tok.vocab_size == 52  # 51 distinct characters and <unk>
     sample = ptb_char.valid[:200_000]
     assert tok.encode(sample).tolist() == library_ids(tok, sample)
+
+
+def test_lone_surrogates_are_a_tokenizer_error_not_a_crash(any_tokenizer):
+    with pytest.raises(TokenizerError, match="lone surrogate U\\+DC80 at position 2"):
+        any_tokenizer.encode("ab\udc80c", unknown="replace")
