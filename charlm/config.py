@@ -32,8 +32,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.tie_weights, bool):
+            raise ConfigError(f"tie_weights must be true or false, got {self.tie_weights!r}")
         if self.tie_weights and self.embed_dim != self.hidden_size:
             raise ConfigError(
                 f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} and {self.hidden_size}"
