@@ -111,7 +111,7 @@ def _read_checked(path: Path, errors: str) -> tuple[str, str]:
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"corpus file is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}): {path}; "
-            "convert it to UTF-8 or allow replacing invalid bytes"
+            "convert it to UTF-8, or replace invalid bytes with --encoding-errors replace (errors='replace' in Python)"
         ) from None
     return text, hashlib.sha256(data).hexdigest()
 

@@ -314,7 +314,7 @@ def _unknown_message(what: str, unseen: list[str]) -> str:
     shown = ", ".join(repr(item) for item in unseen[:SHOWN_UNKNOWNS])
     more = f" and {len(unseen) - SHOWN_UNKNOWNS} more" if len(unseen) > SHOWN_UNKNOWNS else ""
     return (f"text has {what} not in the tokenizer's vocabulary: {shown}{more}; "
-            f"encode with unknown='replace' to map them to {UNK}")
+            f"map them to {UNK} with --unknown replace (unknown='replace' in Python)")
 
 
 def _require_encodable(text: str) -> None:
