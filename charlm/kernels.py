@@ -17,6 +17,9 @@ from charlm.runtime import parallel_chunks
 
 # Fast-math without "nnan"/"ninf": the softmax's max subtraction and the sampling code must see infinities.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Numba's default Python error model checks every float division for zero and raises: that branch keeps a
+# loop scalar. With numpy's (x/0 = inf, as IEEE) the rational tanh's divide vectorises.
+ERROR_MODEL = "numpy"
 # Below this many elements an elementwise pass is not worth handing to a second thread.
 _MIN_ELEMENTWISE_CHUNK = 1 << 15
 
@@ -61,7 +64,7 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@overload(_exp, jit_options={"fastmath": FASTMATH})
+@overload(_exp, jit_options={"fastmath": FASTMATH, "error_model": ERROR_MODEL})
 def _exp_overload(x):
     if x != types.float32:
         return lambda x: np.exp(x)
@@ -79,7 +82,7 @@ def _exp_overload(x):
     return float32_exp
 
 
-@overload(_tanh, jit_options={"fastmath": FASTMATH})
+@overload(_tanh, jit_options={"fastmath": FASTMATH, "error_model": ERROR_MODEL})
 def _tanh_overload(x):
     if x != types.float32:
         return lambda x: np.tanh(x)
@@ -97,7 +100,7 @@ def _tanh_overload(x):
     return float32_tanh
 
 
-@overload(_sigmoid, jit_options={"fastmath": FASTMATH})
+@overload(_sigmoid, jit_options={"fastmath": FASTMATH, "error_model": ERROR_MODEL})
 def _sigmoid_overload(x):
     if x != types.float32:
         return lambda x: 1.0 / (1.0 + np.exp(-x))
@@ -125,7 +128,7 @@ def embedding_backward(d_table, ids, d_rows):
         d_table[ids[n]] += d_rows[n]
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
     """One LSTM time step for B rows: gate nonlinearities and the cell update, fused.
 
@@ -133,30 +136,35 @@ def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
     h_prev @ W_hhᵀ and xproj: (R, 4H) holds input projections (the step's own (B, 4H) slice with
     rows = 0..B-1, or the (V, 4H) embedding table with rows = token ids). Writes the activations
     [i, f, g, o] to acts: (B, 4H) and c, h, tanh(c): (B, H), all for backward. acts may alias xproj (same
-    rows) or recurrent: each cell reads its four gates before writing them.
+    rows) or recurrent: the first pass reads each element before it writes it.
     """
     n_rows, four_h = acts.shape
     hidden = four_h // 4
     for b in range(n_rows):
-        r = rows[b]
-        for k in range(hidden):
-            pre_i = recurrent[b, k] + xproj[r, k] + bias[k]
-            pre_f = recurrent[b, hidden + k] + xproj[r, hidden + k] + bias[hidden + k]
-            pre_g = recurrent[b, 2 * hidden + k] + xproj[r, 2 * hidden + k] + bias[2 * hidden + k]
-            pre_o = recurrent[b, 3 * hidden + k] + xproj[r, 3 * hidden + k] + bias[3 * hidden + k]
-            i = _sigmoid(pre_i)
-            f = _sigmoid(pre_f)
-            g = _tanh(pre_g)
-            o = _sigmoid(pre_o)
-            cell = f * c_prev[b, k] + i * g
-            tc = _tanh(cell)
-            acts[b, k] = i
-            acts[b, hidden + k] = f
-            acts[b, 2 * hidden + k] = g
-            acts[b, 3 * hidden + k] = o
-            c[b, k] = cell
-            tanh_c[b, k] = tc
-            h[b, k] = o * tc
+        # Separate simple passes over contiguous rows, so LLVM vectorises each (one fused loop with nine
+        # possibly-aliasing arrays stays scalar, with a divide per gate).
+        row, rec, proj = acts[b], recurrent[b], xproj[rows[b]]
+        for j in range(four_h):
+            row[j] = rec[j] + proj[j] + bias[j]
+        for j in range(2 * hidden):
+            row[j] = _sigmoid(row[j])
+        for j in range(2 * hidden, 3 * hidden):
+            row[j] = _tanh(row[j])
+        for j in range(3 * hidden, four_h):
+            row[j] = _sigmoid(row[j])
+        _cell_update(row, c_prev[b], c[b], h[b], tanh_c[b])
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _cell_update(gates, c_prev, c, h, tanh_c):
+    """c = f*c_prev + i*g, h = o*tanh(c) for one row; gates: (4H,) activations [i, f, g, o]."""
+    hidden = c.shape[0]
+    for k in range(hidden):
+        cell = gates[hidden + k] * c_prev[k] + gates[k] * gates[2 * hidden + k]
+        tc = _tanh(cell)
+        c[k] = cell
+        tanh_c[k] = tc
+        h[k] = gates[3 * hidden + k] * tc
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -293,7 +301,7 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     return last
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model=ERROR_MODEL)
 def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b,
                   temperature, top_k, top_p, uniform, gates, logits, probs):
     """Batch-1 streaming step: feed `token` through all layers, the decoder and the sampler; return the next token.
