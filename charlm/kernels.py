@@ -20,6 +20,8 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # Numba's default Python error model checks every float division for zero and raises: that branch keeps a
 # loop scalar. With numpy's (x/0 = inf, as IEEE) the rational tanh's divide vectorises.
 ERROR_MODEL = "numpy"
+# A decoder with at most this many weights is quicker on one thread than with a thread meeting (batch 1).
+_SERIAL_DECODER_WEIGHTS = 1 << 16
 # Below this many elements an elementwise pass is not worth handing to a second thread.
 _MIN_ELEMENTWISE_CHUNK = 1 << 15
 
@@ -139,25 +141,33 @@ def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
     rows) or recurrent: the first pass reads each element before it writes it.
     """
     n_rows, four_h = acts.shape
-    hidden = four_h // 4
     for b in range(n_rows):
-        # Separate simple passes over contiguous rows, so LLVM vectorises each (one fused loop with nine
-        # possibly-aliasing arrays stays scalar, with a divide per gate).
         row, rec, proj = acts[b], recurrent[b], xproj[rows[b]]
         for j in range(four_h):
             row[j] = rec[j] + proj[j] + bias[j]
-        for j in range(2 * hidden):
-            row[j] = _sigmoid(row[j])
-        for j in range(2 * hidden, 3 * hidden):
-            row[j] = _tanh(row[j])
-        for j in range(3 * hidden, four_h):
-            row[j] = _sigmoid(row[j])
+        _activate_gates(row)
         _cell_update(row, c_prev[b], c[b], h[b], tanh_c[b])
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _activate_gates(gates):
+    """Pre-activations -> activations in place for one (4H,) row: sigmoid, sigmoid, tanh, sigmoid.
+
+    One simple pass per gate block, so LLVM vectorises each (a single loop fusing them stays scalar)."""
+    hidden = gates.shape[0] // 4
+    for j in range(2 * hidden):
+        gates[j] = _sigmoid(gates[j])
+    for j in range(2 * hidden, 3 * hidden):
+        gates[j] = _tanh(gates[j])
+    for j in range(3 * hidden, 4 * hidden):
+        gates[j] = _sigmoid(gates[j])
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def _cell_update(gates, c_prev, c, h, tanh_c):
-    """c = f*c_prev + i*g, h = o*tanh(c) for one row; gates: (4H,) activations [i, f, g, o]."""
+    """c = f*c_prev + i*g, h = o*tanh(c) for one row; gates: (4H,) activations [i, f, g, o].
+
+    c may alias c_prev (generation updates the state in place)."""
     hidden = c.shape[0]
     for k in range(hidden):
         cell = gates[hidden + k] * c_prev[k] + gates[k] * gates[2 * hidden + k]
@@ -303,34 +313,44 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model=ERROR_MODEL)
 def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b,
-                  temperature, top_k, top_p, uniform, gates, logits, probs):
+                  temperature, top_k, top_p, uniform, gates, tanh_c, logits, probs):
     """Batch-1 streaming step: feed `token` through all layers, the decoder and the sampler; return the next token.
 
     h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
     or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
-    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (4H,), logits (V,), probs (V,)
-    float64. Sampling as in `_sample`. At batch 1 the matrix-vector products are memory-bound, so the
-    threads split their rows (one short parallel region per layer and one for the decoder).
+    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (L, 4H), tanh_c (H,),
+    logits (V,), probs (V,) float64. Sampling as in `_sample`. At batch 1 the matrix-vector products are
+    memory-bound, so the threads split their rows. Every parallel region is a meeting of the threads, so there are as few as
+    the data flow allows: one for all that the old state determines (every layer's h_prev @ W_hhᵀ and
+    layer 0's input), one per further layer, and one for a large decoder.
     """
     n_layers, hidden = h.shape
+    four_h = 4 * hidden
+    use_table = table0.shape[0] > 0
+    embedded = embedding[token]
+    for j in prange(n_layers * four_h):
+        layer = j // four_h
+        row = j - layer * four_h
+        pre = bias[layer][row] + _dot(w_hh[layer][row], h[layer])
+        if layer == 0:
+            pre += table0[token, row] if use_table else _dot(w_ih[0][row], embedded)
+        gates[layer, row] = pre
     for layer in range(n_layers):
-        use_table = layer == 0 and table0.shape[0] > 0
-        inputs = embedding[token] if layer == 0 else h[layer - 1]
-        w_in, w_rec, b, h_prev = w_ih[layer], w_hh[layer], bias[layer], h[layer]
-        for j in prange(4 * hidden):
-            projected = table0[token, j] if use_table else _dot(w_in[j], inputs)
-            gates[j] = b[j] + projected + _dot(w_rec[j], h_prev)
-        for k in range(hidden):
-            i = _sigmoid(gates[k])
-            f = _sigmoid(gates[hidden + k])
-            g = _tanh(gates[2 * hidden + k])
-            o = _sigmoid(gates[3 * hidden + k])
-            cell = f * c[layer, k] + i * g
-            c[layer, k] = cell
-            h[layer, k] = o * _tanh(cell)
+        if layer > 0:
+            below = h[layer - 1]
+            w_in, layer_gates = w_ih[layer], gates[layer]
+            for row in prange(four_h):
+                layer_gates[row] += _dot(w_in[row], below)
+        _activate_gates(gates[layer])
+        _cell_update(gates[layer], c[layer], c[layer], h[layer], tanh_c)
     top = h[n_layers - 1]
-    for v in prange(dec_w.shape[0]):
-        logits[v] = dec_b[v] + _dot(dec_w[v], top)
+    vocab = dec_w.shape[0]
+    if vocab * hidden <= _SERIAL_DECODER_WEIGHTS:
+        for v in range(vocab):
+            logits[v] = dec_b[v] + _dot(dec_w[v], top)
+    else:
+        for v in prange(vocab):
+            logits[v] = dec_b[v] + _dot(dec_w[v], top)
     return _sample(logits, temperature, top_k, top_p, uniform, probs)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numba
 import numpy as np
 
 from charlm import kernels
@@ -21,6 +22,9 @@ from charlm.errors import ConfigError
 from charlm.runtime import ensure_threads_limited, parallel_chunks, parallel_matmul, single_threaded_blas
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
+# Batch-1 generation reading at most this many weight bytes per token runs on one thread: from cache, one
+# core streams them about as fast as two, and a second thread costs a meeting per layer (ruinous under load).
+SERIAL_GENERATION_BYTES = 4 << 20
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -389,15 +393,29 @@ class LSTMLanguageModel:
         h, c = (np.ascontiguousarray(s[:, 0]) for s in state)
         weights = self._generation_weights(max_new_tokens)
         hidden, vocab = self.config.hidden_size, self.config.vocab_size
-        gates = np.empty(4 * hidden, self._dtype)
+        gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
+        tanh_c = np.empty(hidden, self._dtype)
         logits = np.empty(vocab, self._dtype)
         probs = np.empty(vocab, np.float64)
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
+        caller_threads = numba.get_num_threads()
+        threads = 1 if self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES else caller_threads
         for _ in range(max_new_tokens):
-            token = int(kernels.generate_step(token, h, c, *weights, temperature, top_k, top_p, rng.random(),
-                                              gates, logits, probs))
+            numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
+            try:
+                token = int(kernels.generate_step(token, h, c, *weights, temperature, top_k, top_p, rng.random(),
+                                                  gates, tanh_c, logits, probs))
+            finally:
+                numba.set_num_threads(caller_threads)
             yield token
+
+    @staticmethod
+    def _generation_bytes(weights: tuple) -> int:
+        """Weight bytes one generation step reads (`weights` from `_generation_weights`)."""
+        _, table, w_ih, w_hh, _, decoder, _ = weights
+        inputs = w_ih[1:] if table.shape[0] else w_ih
+        return sum(w.nbytes for w in (*inputs, *w_hh, decoder))
 
     def _generation_weights(self, max_new_tokens: int) -> tuple:
         """Arguments for `kernels.generate_step`, built from the current params (the optimizer may have changed

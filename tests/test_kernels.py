@@ -80,9 +80,13 @@ def test_embedding_forward_and_backward_with_repeated_ids():
     np.testing.assert_allclose(d_table, expected, rtol=1e-13)
 
 
-@pytest.fixture(scope="module", params=["small_vocab", "table"])
+@pytest.fixture(scope="module", params=["small_vocab", "table", "parallel_decoder_three_layers"])
 def model(request):
-    config = ModelConfig(vocab_size=13, embed_dim=6, hidden_size=10, num_layers=2, dtype="float64")
+    if request.param == "parallel_decoder_three_layers":  # decoder above kernels._SERIAL_DECODER_WEIGHTS
+        config = ModelConfig(vocab_size=300, embed_dim=6, hidden_size=240, num_layers=3, dtype="float64")
+        assert config.vocab_size * config.hidden_size > kernels._SERIAL_DECODER_WEIGHTS
+    else:
+        config = ModelConfig(vocab_size=13, embed_dim=6, hidden_size=10, num_layers=2, dtype="float64")
     model = LSTMLanguageModel(config, seed=8)
     for value in model.params.values():
         value *= 4.0  # sharper distributions, so the sampling tests restrict something
@@ -137,4 +141,4 @@ def test_generation_arguments_are_checked(model):
     with pytest.raises(ConfigError):
         model.generate_ids([1], 3, top_p=0.0)
     with pytest.raises(ConfigError):
-        model.generate_ids([99], 3)
+        model.generate_ids([model.config.vocab_size], 3)
