@@ -1,4 +1,9 @@
-"""Kernels against numpy formulas, and the batch-1 generation kernel against model.step."""
+"""Kernels against numpy formulas, the batch-1 generation kernel against model.step, and the BLAS kernels chosen at import."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +147,20 @@ def test_generation_arguments_are_checked(model):
         model.generate_ids([1], 3, top_p=0.0)
     with pytest.raises(ConfigError):
         model.generate_ids([model.config.vocab_size], 3)
+
+
+def openblas_coretype_after(imports: str, **env) -> str:
+    """OPENBLAS_CORETYPE as a fresh interpreter sees it after `imports`, with `env` added to a clean environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "CHARLM_OPENBLAS_CORETYPE")}
+    code = f"import os; {imports}; print(os.environ.get('OPENBLAS_CORETYPE', ''))"
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_haswell_openblas_kernels_only_on_amd_avx2_and_never_over_the_user():
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    amd_avx2 = "AuthenticAMD" in cpuinfo and " avx2" in cpuinfo
+    assert openblas_coretype_after("import charlm") == ("Haswell" if amd_avx2 else "")
+    assert openblas_coretype_after("import charlm", CHARLM_OPENBLAS_CORETYPE="keep") == ""
+    assert openblas_coretype_after("import charlm", OPENBLAS_CORETYPE="Zen") == "Zen"
+    assert openblas_coretype_after("import numpy, charlm") == ""  # too late: OpenBLAS has loaded
