@@ -320,9 +320,9 @@ def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b
     or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
     ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (L, 4H), tanh_c (H,),
     logits (V,), probs (V,) float64. Sampling as in `_sample`. At batch 1 the matrix-vector products are
-    memory-bound, so the threads split their rows. Every parallel region is a meeting of the threads, so there are as few as
-    the data flow allows: one for all that the old state determines (every layer's h_prev @ W_hhᵀ and
-    layer 0's input), one per further layer, and one for a large decoder.
+    memory-bound, so the threads split their rows. Every parallel region is a meeting of the threads, so
+    there are as few as the data flow allows: one for all that the old state determines (every layer's
+    h_prev @ W_hhᵀ and layer 0's input), one per further layer, and one for a large decoder.
     """
     n_layers, hidden = h.shape
     four_h = 4 * hidden

@@ -1,4 +1,5 @@
-"""Kernels against numpy formulas, the batch-1 generation kernel against model.step, and the BLAS kernels chosen at import."""
+"""Kernels against numpy formulas, the batch-1 generation kernel against model.step, and the BLAS kernels
+chosen at import."""
 
 import os
 import subprocess
@@ -153,7 +154,8 @@ def openblas_coretype_after(imports: str, **env) -> str:
     """OPENBLAS_CORETYPE as a fresh interpreter sees it after `imports`, with `env` added to a clean environment."""
     clean = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "CHARLM_OPENBLAS_CORETYPE")}
     code = f"import os; {imports}; print(os.environ.get('OPENBLAS_CORETYPE', ''))"
-    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True)
     return done.stdout.strip()
 
 
