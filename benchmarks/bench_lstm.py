@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# charlm before numpy, as in the `charlm` command: its import picks OpenBLAS's kernels (see charlm/__init__.py).
+import charlm  # noqa: F401
 import numpy as np
 
 TASKS = ("train", "eval", "generate")
