@@ -19,11 +19,13 @@ import numpy as np
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.runtime import ensure_threads_limited, parallel_chunks, parallel_matmul, single_threaded_blas
+from charlm.runtime import (ensure_threads_limited, others_keep_cores_busy, parallel_chunks, parallel_matmul,
+                            single_threaded_blas)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # Batch-1 generation reading at most this many weight bytes per token runs on one thread: from cache, one
-# core streams them about as fast as two, and a second thread costs a meeting per layer (ruinous under load).
+# core streams them about as fast as two, and a second thread costs a meeting per layer. Larger models use
+# the threads only on an otherwise idle machine (under load a meeting waits for a descheduled thread).
 SERIAL_GENERATION_BYTES = 4 << 20
 
 
@@ -400,7 +402,8 @@ class LSTMLanguageModel:
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
         caller_threads = numba.get_num_threads()
-        threads = 1 if self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES else caller_threads
+        small = self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES
+        threads = 1 if small or others_keep_cores_busy() else caller_threads
         for _ in range(max_new_tokens):
             numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
             try:

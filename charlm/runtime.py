@@ -48,6 +48,17 @@ def limit_threads(n: int | None = None) -> int:
     return n
 
 
+def others_keep_cores_busy() -> bool:
+    """Whether other work leaves fewer idle cores than the threads the model may use, by the 1-minute load
+    average (which counts the caller's own running thread). Code that meets its threads many times per
+    second should then run on one thread: every meeting waits for a descheduled thread."""
+    ensure_threads_limited()
+    if not hasattr(os, "getloadavg"):
+        return False
+    others = os.getloadavg()[0] - 1.0
+    return others > available_cores() - _threads + 0.5
+
+
 def ensure_threads_limited() -> None:
     """Apply the default `limit_threads()` unless the caller already chose a limit."""
     if _limiter is None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import charlm.model
+import charlm.runtime
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
@@ -166,3 +168,15 @@ def test_haswell_openblas_kernels_only_on_amd_avx2_and_never_over_the_user():
     assert openblas_coretype_after("import charlm", CHARLM_OPENBLAS_CORETYPE="keep") == ""
     assert openblas_coretype_after("import charlm", OPENBLAS_CORETYPE="Zen") == "Zen"
     assert openblas_coretype_after("import numpy, charlm") == ""  # too late: OpenBLAS has loaded
+
+
+def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
+    config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
+    model = LSTMLanguageModel(config, seed=2)
+    monkeypatch.setattr(charlm.model, "SERIAL_GENERATION_BYTES", 0)
+    runs = []
+    for busy in (True, False):
+        monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda busy=busy: busy)
+        runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
+    assert runs[0] == runs[1]
+    assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
