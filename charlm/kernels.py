@@ -131,22 +131,26 @@ def embedding_backward(d_table, ids, d_rows):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
-def lstm_cell_forward(acts, xproj, rows, recurrent, bias, c_prev, c, h, tanh_c):
+def lstm_cell_forward(acts, xproj, rows, recurrent_t, bias, c_prev, c, h, tanh_c, h_t):
     """One LSTM time step for B rows: gate nonlinearities and the cell update, fused.
 
-    Pre-activation of row b = recurrent[b] + xproj[rows[b]] + bias, where recurrent: (B, 4H) is
-    h_prev @ W_hhᵀ and xproj: (R, 4H) holds input projections (the step's own (B, 4H) slice with
-    rows = 0..B-1, or the (V, 4H) embedding table with rows = token ids). Writes the activations
-    [i, f, g, o] to acts: (B, 4H) and c, h, tanh(c): (B, H), all for backward. acts may alias xproj (same
-    rows) or recurrent: the first pass reads each element before it writes it.
+    Pre-activation of row b = recurrent_t[:, b] + xproj[rows[b]] + bias, where recurrent_t: (4H, B) is
+    W_hh @ h_prevᵀ (BLAS runs W_hh @ hᵀ with B = 16 columns ~15 % faster than h @ W_hhᵀ with 16 rows) and
+    xproj: (R, 4H) holds input projections (the step's own (B, 4H) slice with rows = 0..B-1, or the (V, 4H)
+    embedding table with rows = token ids). Writes the activations [i, f, g, o] to acts: (B, 4H) and c, h,
+    tanh(c): (B, H), all for backward, and hᵀ to h_t: (H, B) for the next step's product. acts may alias
+    xproj (same rows): the first pass reads each element before it writes it.
     """
     n_rows, four_h = acts.shape
+    hidden = four_h // 4
     for b in range(n_rows):
-        row, rec, proj = acts[b], recurrent[b], xproj[rows[b]]
+        row, proj = acts[b], xproj[rows[b]]
         for j in range(four_h):
-            row[j] = rec[j] + proj[j] + bias[j]
+            row[j] = recurrent_t[j, b] + proj[j] + bias[j]
         _activate_gates(row)
         _cell_update(row, c_prev[b], c[b], h[b], tanh_c[b])
+        for k in range(hidden):
+            h_t[k, b] = h[b, k]
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)

@@ -3,7 +3,7 @@ batch-1 generation.
 
 A window of ids (T, B) goes embedding -> L LSTM layers -> linear decoder -> softmax. Per layer the input
 projection of all T steps is one GEMM (or, for layer 0 with a small vocabulary, a lookup in the
-precomputed (V, 4H) table embedding @ W_ih0ᵀ); each step is one recurrent GEMM h @ W_hhᵀ plus one fused
+precomputed (V, 4H) table embedding @ W_ih0ᵀ); each step is one recurrent GEMM W_hh @ hᵀ plus one fused
 Numba kernel. Backward runs the steps in reverse with one fused kernel each and forms every weight
 gradient as a single GEMM over the whole window. Buffers are allocated once per (T, B, train) shape.
 Threads split the batch rows for the time loops and the rows of every large GEMM (see charlm.runtime).
@@ -94,7 +94,9 @@ class _Workspace:
         self.c = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]
         self.acts = [np.zeros((steps, batch, 4 * hidden), dtype) for _ in range(layers)]  # then dG
         self.tanh_c = [np.zeros((steps, batch, hidden), dtype) for _ in range(layers)]
-        self.recurrent = np.zeros((batch, 4 * hidden), dtype)
+        # Per thread, its rows' W_hh @ h_prevᵀ (4H, rows) and h_prevᵀ (H, rows): contiguous slices of these.
+        self.recurrent_t = np.zeros(4 * hidden * batch, dtype)
+        self.h_t = np.zeros(hidden * batch, dtype)
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
@@ -191,7 +193,7 @@ class LSTMLanguageModel:
         hidden = self.config.hidden_size
         params = self.params
         for layer in range(self.config.num_layers):
-            w_hh_t = params[f"lstm.{layer}.w_hh"].T
+            w_hh = params[f"lstm.{layer}.w_hh"]
             w_ih = params[f"lstm.{layer}.w_ih"]
             bias = params[f"lstm.{layer}.bias"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
@@ -209,18 +211,20 @@ class LSTMLanguageModel:
                 parallel_matmul(inputs.reshape(n_tokens, -1), w_ih.T, acts.reshape(n_tokens, 4 * hidden))
 
             def time_loop(lo: int, hi: int) -> None:
-                recurrent = ws.recurrent[lo:hi]
-                rows = ws.batch_rows[: hi - lo]
+                n_rows = hi - lo
+                recurrent_t = ws.recurrent_t[4 * hidden * lo : 4 * hidden * hi].reshape(4 * hidden, n_rows)
+                h_t = ws.h_t[hidden * lo : hidden * hi].reshape(hidden, n_rows)
+                h_t[...] = h[0, lo:hi].T
+                rows = ws.batch_rows[:n_rows]
                 for t in range(steps):
                     step_acts = acts[t, lo:hi]
+                    np.matmul(w_hh, h_t, out=recurrent_t)
                     if table:
-                        np.matmul(h[t, lo:hi], w_hh_t, out=step_acts)
-                        kernels.lstm_cell_forward(step_acts, ws.table, ids[t, lo:hi], step_acts, bias, c[t, lo:hi],
-                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi])
+                        kernels.lstm_cell_forward(step_acts, ws.table, ids[t, lo:hi], recurrent_t, bias, c[t, lo:hi],
+                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
                     else:
-                        np.matmul(h[t, lo:hi], w_hh_t, out=recurrent)
-                        kernels.lstm_cell_forward(step_acts, step_acts, rows, recurrent, bias, c[t, lo:hi],
-                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi])
+                        kernels.lstm_cell_forward(step_acts, step_acts, rows, recurrent_t, bias, c[t, lo:hi],
+                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
 
             parallel_chunks(batch, time_loop)
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
