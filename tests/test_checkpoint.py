@@ -4,7 +4,6 @@ turns every kind of damage (missing, truncated, bit-flipped, mismatched, newer, 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charlm.checkpoint as checkpoint
+from helpers import rewrite_checksums
 from charlm.checkpoint import (
     CHECKSUMS_FILE,
     CONFIG_FILE,
@@ -76,14 +76,6 @@ def load_error(folder, **kwargs) -> str:
     assert "\n" not in message and message
     return message
 
-
-def rewrite_checksums(folder: Path) -> None:
-    """Re-sign the folder after a deliberate edit, as a careless or hostile author would."""
-    manifest = json.loads((folder / CHECKSUMS_FILE).read_text())
-    for name in manifest["files"]:
-        data = (folder / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / CHECKSUMS_FILE).write_text(json.dumps(manifest))
 
 
 def siblings(folder: Path) -> list[str]:

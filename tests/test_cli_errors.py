@@ -4,7 +4,6 @@ run folders that would be overwritten. Hypothesis throws random Unicode prompts 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -17,6 +16,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import rewrite_checksums
 from charlm.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, TOKENIZER_FILE
 from charlm.cli import cli
 from charlm.corpus import registry
@@ -52,14 +52,6 @@ def write_corpus(path: Path, lines: int = 200) -> Path:
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)) + "\n")
     return path
 
-
-def rewrite_checksums(folder: Path) -> None:
-    """Re-sign a deliberately edited checkpoint, so the check under test is not the checksum's."""
-    manifest = json.loads((folder / CHECKSUMS_FILE).read_text())
-    for name in manifest["files"]:
-        data = (folder / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / CHECKSUMS_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
