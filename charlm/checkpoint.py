@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,6 @@ def _recover_interrupted_swap(folder: Path) -> None:
 
 def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
     """Read `names` from one version of `folder`, retrying if a save swapped the folder mid-read."""
-    _recover_interrupted_swap(folder)
     for _ in range(READ_ATTEMPTS):
         before = _folder_identity(folder)
         raw = {}
@@ -313,13 +313,20 @@ def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
 
 
 def _folder_identity(folder: Path) -> tuple[int, int]:
-    try:
-        stat = folder.stat()
-    except FileNotFoundError:
-        raise _checkpoint_error(f"no checkpoint at {folder}") from None
-    if not folder.is_dir():
+    """Which version of `folder` is in place; waits out saves caught between their two renames."""
+    deadline = time.monotonic() + SWAP_WAIT_SECONDS
+    while True:
+        _recover_interrupted_swap(folder)
+        try:
+            info = folder.stat()
+            break
+        except FileNotFoundError:
+            # The next save may have begun its swap since: wait for it while a live writer holds the old folder.
+            if time.monotonic() > deadline or not _writer_folders(folder, (OLD_INFIX,)):
+                raise _checkpoint_error(f"no checkpoint at {folder}") from None
+    if not stat.S_ISDIR(info.st_mode):  # from the same stat call: a second lookup could race a swap
         raise _checkpoint_error(f"{folder} is a file, not a checkpoint folder")
-    return stat.st_dev, stat.st_ino
+    return info.st_dev, info.st_ino
 
 
 def _parse_json(folder: Path, name: str, data: bytes) -> dict:
