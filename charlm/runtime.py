@@ -49,14 +49,30 @@ def limit_threads(n: int | None = None) -> int:
 
 
 def others_keep_cores_busy() -> bool:
-    """Whether other work leaves fewer idle cores than the threads the model may use, by the 1-minute load
-    average (which counts the caller's own running thread). Code that meets its threads many times per
-    second should then run on one thread: every meeting waits for a descheduled thread."""
+    """Whether other work leaves fewer idle cores than the threads the model may use. Code that meets its
+    threads many times per second should then run on one thread: every meeting waits for a descheduled
+    thread.
+
+    On Linux, judged by the threads of other processes runnable right now (/proc), not by the load
+    average: that remembers a minute of this process's own busy threads (say a benchmark's previous phase)
+    and would wrongly see others. Elsewhere, by the 1-minute load average less the caller."""
     ensure_threads_limited()
-    if not hasattr(os, "getloadavg"):
-        return False
-    others = os.getloadavg()[0] - 1.0
+    others = _others_running()
     return others > available_cores() - _threads + 0.5
+
+
+def _others_running() -> float:
+    """Threads of other processes that are runnable now (Linux), else the 1-minute load average less one."""
+    try:
+        with open("/proc/loadavg") as file:
+            running = int(file.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as file:
+                own += file.read().rpartition(")")[2].split()[0] == "R"
+        return running - own
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] - 1.0 if hasattr(os, "getloadavg") else 0.0
 
 
 def ensure_threads_limited() -> None:
