@@ -531,6 +531,7 @@ class _Run:
                 reason = self._finished_reason()
                 if self.step % self.config.eval_every == 0 or reason is not None:
                     self._validate(progress)
+                    reason = reason or self._finished_reason()  # a budget spent validating ends the run here
                 if self.step % self.config.checkpoint_every == 0 or reason is not None:
                     self.save_last()
                 if reason is not None:

@@ -193,6 +193,24 @@ def test_time_budget_and_epochs_stop_cleanly(corpus, tmp_path):
         tmp_path / "epoch")) - 1)
 
 
+def test_a_budget_spent_validating_ends_the_run_with_that_validation(corpus, tmp_path, monkeypatch):
+    """The scheduled validation at step 3 uses up the budget: the run ends there, without a step 4 and a
+    second validation of nearly the same weights."""
+    spent = {"seconds": 0.0}
+    real_elapsed, real_evaluate = train_module._Run.elapsed, train_module.evaluate_ids
+
+    def slow_evaluate(*args, **kwargs):
+        spent["seconds"] = 3600.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module._Run, "elapsed", lambda self: real_elapsed(self) + spent["seconds"])
+    monkeypatch.setattr(train_module, "evaluate_ids", slow_evaluate)
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_steps=None, time_budget=30.0, eval_every=3), verbose=False)
+    assert result.stop_reason == "time_budget" and result.step == 3
+    assert [m["step"] for m in stable_metrics(out) if m["event"] == "val"] == [3]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_layers=0), "--layers must be a positive integer"),
     (dict(batch_size=-1), "--batch-size must be a positive integer"),
