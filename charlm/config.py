@@ -10,6 +10,13 @@ from charlm.errors import ConfigError
 DTYPES = ("float32", "float64")
 
 
+def require_int(label: str, value, *, minimum: int = 1) -> None:
+    """ConfigError naming `label` (a field or a --flag) unless value is an int >= minimum (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{label} must be {kind}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Embedding -> `num_layers` stacked LSTMs -> linear decoder -> softmax over `vocab_size` tokens.
@@ -29,9 +36,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            require_int(name, getattr(self, name))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_weights, bool):

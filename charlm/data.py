@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from charlm.config import require_int
 from charlm.corpus import cache_dir
 from charlm.errors import ConfigError, CorpusError
 from charlm.tokenize import Tokenizer
@@ -81,9 +82,8 @@ class BatchStream:
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, random_length: bool = False, seed: int = 0):
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        require_int("batch_size", batch_size)
+        require_int("seq_len", seq_len)
         if random_length and seq_len < MIN_RANDOM_LENGTH:
             raise ConfigError(f"seq_len must be at least {MIN_RANDOM_LENGTH} with random window lengths")
         ids = np.asarray(ids)

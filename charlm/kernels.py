@@ -209,6 +209,17 @@ def lstm_cell_backward(d_gates, acts, d_h_recurrent, d_h_out, mask, c_prev, tanh
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _max_of_sum(row, bias):
+    """max(row + bias), the shift that keeps a softmax's exponentials finite."""
+    top = row[0] + bias[0]  # not -inf: a float64 start would turn the whole row math float64
+    for v in range(1, row.shape[0]):
+        z = row[v] + bias[v]
+        if z > top:
+            top = z
+    return top
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def softmax_xent_forward(logits, bias, targets):
     """Summed cross-entropy (nats, float64) of softmax(logits + bias) against targets, stable by max subtraction.
 
@@ -217,11 +228,7 @@ def softmax_xent_forward(logits, bias, targets):
     n_rows, vocab = logits.shape
     total = 0.0
     for n in range(n_rows):
-        top = logits[n, 0] + bias[0]  # not -inf: a float64 start would turn the whole row math float64
-        for v in range(vocab):
-            z = logits[n, v] + bias[v]
-            if z > top:
-                top = z
+        top = _max_of_sum(logits[n], bias)
         acc = 0.0
         for v in range(vocab):
             acc += _exp(logits[n, v] + bias[v] - top)
@@ -239,17 +246,12 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
     n_rows, vocab = logits.shape
     total = 0.0
     for n in range(n_rows):
-        top = logits[n, 0] + bias[0]  # not -inf: a float64 start would turn the whole row math float64
-        for v in range(vocab):
-            z = logits[n, v] + bias[v]
-            logits[n, v] = z
-            if z > top:
-                top = z
+        top = _max_of_sum(logits[n], bias)
         target = targets[n]
-        z_target = logits[n, target]  # kept before exp: a far-below-max target's probability underflows
+        z_target = logits[n, target] + bias[target]  # kept: a far-below-max target's probability underflows
         acc = 0.0
         for v in range(vocab):
-            e = _exp(logits[n, v] - top)
+            e = _exp(logits[n, v] + bias[v] - top)
             logits[n, v] = e
             acc += e
         total += np.log(acc) + top - z_target

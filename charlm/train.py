@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from charlm.config import ModelConfig
+from charlm.config import ModelConfig, require_int
 from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
@@ -107,12 +107,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "embed_dim", "seq_len", "batch_size", "eval_every",
                      "checkpoint_every", "log_every", "plateau_patience"):
-            _require_int(name, getattr(self, name), minimum=1)
+            require_int(flag(name), getattr(self, name), minimum=1)
         for name in ("vocab_size", "epochs", "max_steps"):
             if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), minimum=1)
+                require_int(flag(name), getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
-            _require_int(name, getattr(self, name), minimum=0)
+            require_int(flag(name), getattr(self, name), minimum=0)
         for name in ("tie_weights", "random_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
@@ -170,12 +170,6 @@ class TrainConfig:
             if data.get(name) is None:
                 raise ConfigError(f"{flag(name)} is required")
         return cls(**data)
-
-
-def _require_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{flag(name)} must be {kind}, got {value!r}")
 
 
 def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
