@@ -23,10 +23,12 @@ from charlm.runtime import (ensure_threads_limited, others_keep_cores_busy, para
                             single_threaded_blas)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
-# Batch-1 generation reading at most this many weight bytes per token runs on one thread: from cache, one
-# core streams them about as fast as two, and a second thread costs a meeting per layer. Larger models use
-# the threads only on an otherwise idle machine (under load a meeting waits for a descheduled thread).
-SERIAL_GENERATION_BYTES = 4 << 20
+# Batch-1 generation reading at most this many weight bytes per token runs on one thread: one core streams
+# them about as fast as two, and a second thread costs a meeting per layer. Measured on the 2-core Zen 4
+# machine, ms/token on 1 vs 2 threads: char-256 (3 MB) 0.13 vs 0.21, char-512 (12 MB) 0.33 vs 0.43, bpe-512
+# (30 MB) 1.06 vs 0.69. Larger models use the threads only on an otherwise idle machine (under load a
+# meeting waits for a descheduled thread).
+SERIAL_GENERATION_BYTES = 16 << 20
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

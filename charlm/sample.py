@@ -36,13 +36,25 @@ def validate_sampling(length: int, temperature: float, top_k: int, top_p: float)
         raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
 
 
-def start_ids(tokenizer) -> np.ndarray:
-    """Context for an empty prompt: the start of a line (a newline, or <eos> for words), else token 0."""
+def _line_start_ids(tokenizer) -> np.ndarray:
+    """The token that starts a line (a newline, or <eos> for words); none when the vocabulary lacks it."""
     try:
         ids = tokenizer.encode("\n", unknown="error")
     except TokenizerError:
         ids = np.zeros(0, dtype=np.int32)
-    return ids[-1:] if len(ids) else np.zeros(1, dtype=np.int32)
+    return ids[-1:]
+
+
+def context_ids(tokenizer, text: str, unknown: str = "error") -> np.ndarray:
+    """The ids of a prompt read as the start of a line, as every line was read in training: after the
+    line-start token. (Without it the prompt would start from a bare zero state, which training shows the
+    model only at the start of each epoch: on a corpus of short lines that can flip which word comes next.)
+    An empty prompt is the line start alone, or token 0 when the vocabulary has no line start."""
+    ids = tokenizer.encode(text, unknown=unknown)
+    if text.startswith("\n"):
+        return ids
+    ids = np.concatenate([_line_start_ids(tokenizer), ids]).astype(np.int32)
+    return ids if len(ids) else np.zeros(1, dtype=np.int32)
 
 
 def generate_text(model, tokenizer, prompt: str, length: int = 500, temperature: float = 1.0, top_k: int = 0,
@@ -50,11 +62,11 @@ def generate_text(model, tokenizer, prompt: str, length: int = 500, temperature:
     """Yield the prompt as typed, then the continuation chunk by chunk as each token is sampled.
 
     `length` counts sampled tokens; temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
-    the same seed gives the same text. An empty prompt starts at the beginning of a line (`start_ids`).
+    the same seed gives the same text. The prompt is read as the start of a line (`context_ids`).
     Flags and the prompt are checked here, before the first chunk.
     """
     validate_sampling(length, temperature, top_k, top_p)
-    prompt_ids = tokenizer.encode(prompt, unknown=unknown) if prompt else start_ids(tokenizer)
+    prompt_ids = context_ids(tokenizer, prompt, unknown)
     return _stream(model, tokenizer, prompt, prompt_ids, length, temperature, top_k, top_p, seed)
 
 
@@ -121,7 +133,7 @@ class _BlankSearch:
         context = before if self.one_token_words else before.rstrip()
         self.lead = before[len(context):]
         tokenizer.encode(self.lead, unknown=unknown)  # the lead is generated, not encoded: check it is spellable
-        self.context_ids = tokenizer.encode(context, unknown=unknown) if context else start_ids(tokenizer)
+        self.context_ids = context_ids(tokenizer, context, unknown)
         self.token_texts = [tokenizer.decode(np.array([i], dtype=np.int32)) for i in range(tokenizer.vocab_size)]
         cuts = np.array([_first_boundary(text) if text else SPELLS_NOTHING for text in self.token_texts])
         if tokenizer.unk_id is not None:

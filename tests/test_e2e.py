@@ -85,14 +85,14 @@ def test_eval_reports_the_logged_validation_loss(workspace):
 
 
 def test_generate_is_reproducible_within_and_across_processes(workspace):
-    args = ["generate", str(workspace / "run"), "--prompt", "I love", "--length", "80", "--seed", "1"]
+    args = ["generate", str(workspace / "run"), "--prompt", "I love", "--length", "200", "--seed", "1"]
     first = invoke(*args).stdout
     assert first == invoke(*args).stdout
     env = {**os.environ, "CHARLM_CACHE": str(workspace / "cache")}
     separate = subprocess.run([sys.executable, "-m", "charlm", *args], capture_output=True, text=True, env=env,
                               check=True, timeout=300)
     assert separate.stdout == first
-    assert first.startswith("I love") and len(first) > len("I love") + 40
+    assert first.startswith("I love") and len(first) > len("I love") + 100
     assert invoke(*args[:-1], "2").stdout != first
 
 

@@ -8,7 +8,7 @@ from charlm.data import BatchStream
 from charlm.errors import ConfigError, TokenizerError
 from charlm.model import LSTMLanguageModel
 from charlm.optim import AdamW
-from charlm.sample import Completion, complete, generate_text, start_ids
+from charlm.sample import Completion, complete, context_ids, generate_text
 from charlm.tokenize import train_tokenizer
 
 # "I love machine ___" is "learning" (0.45/0.55) before "tools"; followed by " tools." the blank is "hand"
@@ -72,8 +72,8 @@ def joined(chunks) -> str:
 
 
 def greedy_reference(model, tokenizer, prompt, length):
-    """Argmax decoding with model.step, independent of generate_ids."""
-    ids = tokenizer.encode(prompt)
+    """Argmax decoding with model.step from a line start, independent of generate_ids."""
+    ids = tokenizer.encode("\n" + prompt)
     state = model.zero_state(1)
     for token in ids:
         log_probs, state = model.step(np.array([token]), state)
@@ -102,7 +102,7 @@ def test_temperature_zero_is_greedy_and_top_k_one_too(char_model, char_tokenizer
 
 def test_chunks_stream_one_per_token_and_match_the_sampled_ids(char_model, char_tokenizer):
     chunks = list(generate_text(char_model, char_tokenizer, "dog", length=25, seed=2))
-    ids = list(char_model.generate_ids(char_tokenizer.encode("dog"), 25, seed=2))
+    ids = list(char_model.generate_ids(char_tokenizer.encode("\ndog"), 25, seed=2))
     assert chunks[0] == "dog"
     assert chunks[1:] == [char_tokenizer.decode([i]) for i in ids]
 
@@ -111,28 +111,34 @@ def test_bpe_stream_decodes_like_the_whole_sequence():
     text = "naïve café über straße — ünïcödé ok\n" * 10
     tokenizer = train_tokenizer("bpe", text, vocab_size=300)
     model = random_model(tokenizer, dtype="float32")
-    ids = list(model.generate_ids(tokenizer.encode("café"), 80, seed=9))
+    ids = list(model.generate_ids(context_ids(tokenizer, "café"), 80, seed=9))
     streamed = joined(generate_text(model, tokenizer, "café", length=80, seed=9))
     assert streamed == "café" + tokenizer.decode(ids)
 
 
-def test_empty_prompt_starts_at_a_line_start(char_model, char_tokenizer):
+def test_prompts_are_read_from_a_line_start(char_model, char_tokenizer):
     newline = char_tokenizer.encode("\n")
-    assert list(start_ids(char_tokenizer)) == list(newline)
+    assert list(context_ids(char_tokenizer, "")) == list(newline)
+    assert list(context_ids(char_tokenizer, "dog")) == list(char_tokenizer.encode("\ndog"))
+    assert list(context_ids(char_tokenizer, "\ndog")) == list(char_tokenizer.encode("\ndog"))  # not twice
     ids = list(char_model.generate_ids(newline, 30, seed=3))
     assert joined(generate_text(char_model, char_tokenizer, "", length=30, seed=3)) == char_tokenizer.decode(ids)
+    word_tokenizer = train_tokenizer("word", "the cat sat\nthe dog ran\n")
+    eos = word_tokenizer.encode("\n").tolist()
+    assert len(eos) == 1 and context_ids(word_tokenizer, "the dog").tolist() == eos + word_tokenizer.encode("the dog").tolist()
 
 
-def test_start_without_newline_in_vocabulary_is_token_zero():
+def test_without_newline_in_vocabulary_prompts_start_bare_and_empty_is_token_zero():
     tokenizer = train_tokenizer("char", "abcabc")
-    assert list(start_ids(tokenizer)) == [0]
+    assert list(context_ids(tokenizer, "")) == [0]
+    assert list(context_ids(tokenizer, "cab")) == list(tokenizer.encode("cab"))
 
 
 def test_word_stream_spaces_words_after_the_prompt():
     tokenizer = train_tokenizer("word", "the cat sat on the mat\nthe dog sat on the log\n")
     model = random_model(tokenizer)
     text = joined(generate_text(model, tokenizer, "the cat", length=12, seed=1))
-    ids = tokenizer.encode("the cat").tolist() + list(model.generate_ids(tokenizer.encode("the cat"), 12, seed=1))
+    ids = tokenizer.encode("the cat").tolist() + list(model.generate_ids(context_ids(tokenizer, "the cat"), 12, seed=1))
     assert text == tokenizer.decode(ids)
 
 
@@ -156,12 +162,12 @@ def test_unknown_prompt_characters(char_model, char_tokenizer):
 
 
 def continuation_log_prob(model, tokenizer, before, continuation):
-    """log P(continuation | before) for a char model, one model.step per character."""
-    ids = tokenizer.encode(before + continuation)
+    """log P(continuation | line start + before) for a char model, one model.step per character."""
+    ids = tokenizer.encode("\n" + before + continuation)
     state = model.zero_state(1)
     total = 0.0
     for i, token in enumerate(ids):
-        if i >= len(before):
+        if i >= 1 + len(before):
             total += log_probs[0, token]
         log_probs, state = model.step(np.array([token]), state)
     return total, log_probs[0]
@@ -216,7 +222,7 @@ def test_word_model_fills_with_the_likeliest_single_words():
     tokenizer = train_tokenizer("word", "the cat sat on the mat .\nthe dog sat on the log !\n")
     model = random_model(tokenizer)
     state = model.zero_state(1)
-    for token in tokenizer.encode("the cat sat on"):
+    for token in tokenizer.encode("\nthe cat sat on"):
         log_probs, state = model.step(np.array([token]), state)
     words = [(tokenizer.decode([i]), math.exp(log_probs[0, i])) for i in range(tokenizer.vocab_size)
              if tokenizer.decode([i]).isalnum()]
