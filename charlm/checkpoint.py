@@ -47,6 +47,7 @@ TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
 SWAP_WAIT_SECONDS = 2.0
 READ_ATTEMPTS = 3
+VERIFY_ATTEMPTS = 10  # while another process saves: ~0.5 s in all
 
 
 @dataclass
@@ -123,15 +124,7 @@ def load_checkpoint(folder: str | os.PathLike, load_optimizer: bool = False) -> 
     names = [CONFIG_FILE, CHECKSUMS_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE]
     if load_optimizer:
         names.append(OPTIMIZER_FILE)
-    raw = _read_consistent(folder, names)
-
-    config_doc = _parse_json(folder, CONFIG_FILE, raw[CONFIG_FILE])
-    _check_format_version(folder, CONFIG_FILE, config_doc)
-    manifest = _parse_json(folder, CHECKSUMS_FILE, raw[CHECKSUMS_FILE])
-    _check_format_version(folder, CHECKSUMS_FILE, manifest)
-    for name in names:
-        if name != CHECKSUMS_FILE:
-            _verify_checksum(folder, name, raw[name], manifest)
+    raw, config_doc = _read_verified(folder, names)
 
     model_config = _parse_model_config(folder, config_doc.get("model"))
     train_config = config_doc.get("train")
@@ -290,6 +283,34 @@ def _recover_interrupted_swap(folder: Path) -> None:
         if not olds or time.monotonic() > deadline:
             return
         time.sleep(0.01)
+
+
+def _read_verified(folder: Path, names: list[str]) -> tuple[dict[str, bytes], dict]:
+    """`names` read from one version of `folder`, every file matching checksums.json, and the parsed config.
+
+    A read that fails while another process is saving here is retried: folder identities (inode numbers)
+    can be reused by the next save, so only the checksums prove that all files come from one version."""
+    attempt = 1
+    while True:
+        try:
+            raw = _read_consistent(folder, names)
+            config_doc = _parse_json(folder, CONFIG_FILE, raw[CONFIG_FILE])
+            _check_format_version(folder, CONFIG_FILE, config_doc)
+            manifest = _parse_json(folder, CHECKSUMS_FILE, raw[CHECKSUMS_FILE])
+            _check_format_version(folder, CHECKSUMS_FILE, manifest)
+            for name in names:
+                if name != CHECKSUMS_FILE:
+                    _verify_checksum(folder, name, raw[name], manifest)
+            return raw, config_doc
+        except CheckpointError:
+            if attempt == VERIFY_ATTEMPTS or not _another_process_saving(folder):
+                raise
+        time.sleep(0.01 * attempt)
+        attempt += 1
+
+
+def _another_process_saving(folder: Path) -> bool:
+    return any(not _abandoned(pid) for _, pid in _writer_folders(folder, (TMP_INFIX, OLD_INFIX)))
 
 
 def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
