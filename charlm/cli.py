@@ -146,7 +146,7 @@ def _unknown_option():
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--prompt", default="", help="Text to continue (printed first).")
+@click.option("--prompt", default="", help="Text to continue (printed first), read as the start of a line.")
 @click.option("--length", default=500, show_default=True, help="Tokens to sample.")
 @click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, help="Sample among the k likeliest tokens [default: all].")
