@@ -224,12 +224,10 @@ class LSTMLanguageModel:
                 for t in range(steps):
                     step_acts = acts[t, lo:hi]
                     np.matmul(w_hh, h_t, out=recurrent_t)
-                    if table:
-                        kernels.lstm_cell_forward(step_acts, ws.table, ids[t, lo:hi], recurrent_t, bias, c[t, lo:hi],
-                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
-                    else:
-                        kernels.lstm_cell_forward(step_acts, step_acts, rows, recurrent_t, bias, c[t, lo:hi],
-                                                  c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
+                    # Input projections: the table's rows for these tokens, or the step's own rows of acts.
+                    xproj, xrows = (ws.table, ids[t, lo:hi]) if table else (step_acts, rows)
+                    kernels.lstm_cell_forward(step_acts, xproj, xrows, recurrent_t, bias, c[t, lo:hi],
+                                              c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
 
             parallel_chunks(batch, time_loop)
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
