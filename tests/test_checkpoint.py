@@ -77,7 +77,6 @@ def load_error(folder, **kwargs) -> str:
     return message
 
 
-
 def siblings(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
 

@@ -53,7 +53,6 @@ def write_corpus(path: Path, lines: int = 200) -> Path:
     return path
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny char model trained for a few steps: (run folder, corpus), shared by the module."""
