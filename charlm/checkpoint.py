@@ -288,10 +288,11 @@ def _recover_interrupted_swap(folder: Path) -> None:
 def _read_verified(folder: Path, names: list[str]) -> tuple[dict[str, bytes], dict]:
     """`names` read from one version of `folder`, every file matching checksums.json, and the parsed config.
 
-    A read that fails while another process is saving here is retried: folder identities (inode numbers)
-    can be reused by the next save, so only the checksums prove that all files come from one version."""
+    A read that fails while another process is saving here, or just saved, is retried: folder identities
+    can be reused by a later save, so only the checksums prove that all files come from one version."""
     attempt = 1
     while True:
+        version = _version_in_place(folder)
         try:
             raw = _read_consistent(folder, names)
             config_doc = _parse_json(folder, CONFIG_FILE, raw[CONFIG_FILE])
@@ -303,7 +304,8 @@ def _read_verified(folder: Path, names: list[str]) -> tuple[dict[str, bytes], di
                     _verify_checksum(folder, name, raw[name], manifest)
             return raw, config_doc
         except CheckpointError:
-            if attempt == VERIFY_ATTEMPTS or not _another_process_saving(folder):
+            saved_meanwhile = _another_process_saving(folder) or _version_in_place(folder) != version
+            if attempt == VERIFY_ATTEMPTS or not saved_meanwhile:
                 raise
         time.sleep(0.01 * attempt)
         attempt += 1
@@ -311,6 +313,13 @@ def _read_verified(folder: Path, names: list[str]) -> tuple[dict[str, bytes], di
 
 def _another_process_saving(folder: Path) -> bool:
     return any(not _abandoned(pid) for _, pid in _writer_folders(folder, (TMP_INFIX, OLD_INFIX)))
+
+
+def _version_in_place(folder: Path) -> tuple[int, int, int] | None:
+    try:
+        return _folder_identity(folder)
+    except CheckpointError:
+        return None
 
 
 def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
@@ -333,8 +342,9 @@ def _read_consistent(folder: Path, names: list[str]) -> dict[str, bytes]:
     return raw
 
 
-def _folder_identity(folder: Path) -> tuple[int, int]:
-    """Which version of `folder` is in place; waits out saves caught between their two renames."""
+def _folder_identity(folder: Path) -> tuple[int, int, int]:
+    """Which version of `folder` is in place (device, inode and the change time a swap's rename sets);
+    waits out saves caught between their two renames."""
     deadline = time.monotonic() + SWAP_WAIT_SECONDS
     while True:
         _recover_interrupted_swap(folder)
@@ -347,7 +357,7 @@ def _folder_identity(folder: Path) -> tuple[int, int]:
                 raise _checkpoint_error(f"no checkpoint at {folder}") from None
     if not stat.S_ISDIR(info.st_mode):  # from the same stat call: a second lookup could race a swap
         raise _checkpoint_error(f"{folder} is a file, not a checkpoint folder")
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 def _parse_json(folder: Path, name: str, data: bytes) -> dict:

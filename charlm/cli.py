@@ -87,6 +87,8 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--hidden", type=int, help=f"Hidden units per layer [default: {_default('hidden_size')}].")
 @click.option("--embed", type=int, help=f"Embedding size [default: {_default('embed_dim')}].")
 @click.option("--dropout", type=float, help=f"Dropout probability [default: {_default('dropout')}].")
+@click.option("--locked-dropout/--per-step-dropout", default=None,
+              help="One dropout mask per window (AWD-LSTM) or a fresh one every step [default: locked].")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]),
               help=f"Parameter dtype [default: {_default('dtype')}].")

@@ -21,8 +21,9 @@ def require_int(label: str, value, *, minimum: int = 1) -> None:
 class ModelConfig:
     """Embedding -> `num_layers` stacked LSTMs -> linear decoder -> softmax over `vocab_size` tokens.
 
-    `dropout` is inverted, locked (one mask per window, shared by all time steps, as in AWD-LSTM) and
-    applied to the input of every LSTM layer but the first and to the last layer's output.
+    `dropout` is inverted and applied to the input of every LSTM layer but the first and to the last
+    layer's output; `locked_dropout` shares one mask by all time steps of a window (variational, as in
+    AWD-LSTM), otherwise every step draws its own (as nn.LSTM's dropout does).
     `tie_weights` shares the embedding with the decoder and needs `embed_dim == hidden_size`.
     """
 
@@ -31,6 +32,7 @@ class ModelConfig:
     hidden_size: int = 512
     num_layers: int = 2
     dropout: float = 0.2
+    locked_dropout: bool = True
     tie_weights: bool = False
     dtype: str = "float32"
 
@@ -39,8 +41,9 @@ class ModelConfig:
             require_int(name, getattr(self, name))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.tie_weights, bool):
-            raise ConfigError(f"tie_weights must be true or false, got {self.tie_weights!r}")
+        for name in ("locked_dropout", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.tie_weights and self.embed_dim != self.hidden_size:
             raise ConfigError(
                 f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} and {self.hidden_size}"

@@ -99,20 +99,17 @@ class _Workspace:
         self.c = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]
         self.acts = [np.zeros((steps, batch, 4 * hidden), dtype) for _ in range(layers)]  # then dG
         self.tanh_c = [np.zeros((steps, batch, hidden), dtype) for _ in range(layers)]
-        # Per thread, its rows' W_hh @ h_prevᵀ (4H, rows) and h_prevᵀ (H, rows): contiguous slices of these.
-        self.recurrent_t = np.zeros(4 * hidden * batch, dtype)
-        self.h_t = np.zeros(hidden * batch, dtype)
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
-        self.batch_rows = np.arange(batch, dtype=np.intp)
         dropout = train and config.dropout > 0.0
         # dropped[l] is the masked input of layer l (l >= 1); dropped[layers] the masked decoder input.
         self.dropped = [None] + [
             np.zeros((steps, batch, hidden), dtype) if dropout else None for _ in range(layers)
         ]
         if train:
-            self.ones = np.ones((batch, hidden), dtype)
+            self.ones = np.ones((1, batch, hidden), dtype)
+            self.w_hh_t = np.zeros((hidden, 4 * hidden), dtype)
             self.d_h = np.zeros((batch, hidden), dtype)
             self.d_c = np.zeros((batch, hidden), dtype)
             self.d_hidden = np.zeros((steps, batch, hidden), dtype)
@@ -181,13 +178,14 @@ class LSTMLanguageModel:
             raise ConfigError(f"state must be two arrays of shape {shape}, got {h0.shape} and {c0.shape}")
         return h0, c0
 
-    def _dropout_masks(self, batch: int, rng) -> list[np.ndarray | None]:
-        """Locked (variational) masks, one (B, H) per masked tensor, shared by all steps of the window."""
+    def _dropout_masks(self, steps: int, batch: int, rng) -> list[np.ndarray | None]:
+        """One mask per masked tensor: (1, B, H) shared by all steps of the window when locked, else (T, B, H)."""
         keep = 1.0 - self.config.dropout
-        shape = (batch, self.config.hidden_size)
-        return [None] + [
-            ((rng.random(shape) < keep) / keep).astype(self._dtype) for _ in range(self.config.num_layers)
-        ]
+        shape = (1 if self.config.locked_dropout else steps, batch, self.config.hidden_size)
+        masks = [(rng.random(shape, dtype=np.float32) < keep).astype(self._dtype) for _ in range(self.config.num_layers)]
+        for mask in masks:
+            mask *= 1.0 / keep
+        return [None] + masks
 
     def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, use_table: bool) -> np.ndarray:
         """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied.
@@ -215,21 +213,8 @@ class LSTMLanguageModel:
                     inputs = self._layer_input(ws, layer, masks)
                 parallel_matmul(inputs.reshape(n_tokens, -1), w_ih.T, acts.reshape(n_tokens, 4 * hidden))
 
-            def time_loop(lo: int, hi: int) -> None:
-                n_rows = hi - lo
-                recurrent_t = ws.recurrent_t[4 * hidden * lo : 4 * hidden * hi].reshape(4 * hidden, n_rows)
-                h_t = ws.h_t[hidden * lo : hidden * hi].reshape(hidden, n_rows)
-                h_t[...] = h[0, lo:hi].T
-                rows = ws.batch_rows[:n_rows]
-                for t in range(steps):
-                    step_acts = acts[t, lo:hi]
-                    np.matmul(w_hh, h_t, out=recurrent_t)
-                    # Input projections: the table's rows for these tokens, or the step's own rows of acts.
-                    xproj, xrows = (ws.table, ids[t, lo:hi]) if table else (step_acts, rows)
-                    kernels.lstm_cell_forward(step_acts, xproj, xrows, recurrent_t, bias, c[t, lo:hi],
-                                              c[t + 1, lo:hi], h[t + 1, lo:hi], tanh_c[t, lo:hi], h_t)
-
-            parallel_chunks(batch, time_loop)
+            parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_forward(
+                acts, table, ws.table, ids, w_hh, bias, h, c, tanh_c, lo, hi))
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
 
     @staticmethod
@@ -258,7 +243,7 @@ class LSTMLanguageModel:
         ws = self._workspace(steps, batch, train)
         masks = None
         if train and self.config.dropout > 0.0:
-            masks = self._dropout_masks(batch, self._dropout_rng if rng is None else rng)
+            masks = self._dropout_masks(steps, batch, self._dropout_rng if rng is None else rng)
         use_table = self._uses_table(n_tokens)
         bias = self.params["decoder.bias"]
         flat_targets = targets.reshape(-1)
@@ -316,18 +301,11 @@ class LSTMLanguageModel:
             w_ih = params[f"lstm.{layer}.w_ih"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             mask = ws.ones if masks is None else masks[layer + 1]
-
-            def time_loop(lo: int, hi: int) -> None:
-                d_h, d_c = ws.d_h[lo:hi], ws.d_c[lo:hi]
-                d_h.fill(0.0)
-                d_c.fill(0.0)
-                for t in reversed(range(steps)):
-                    step = acts[t, lo:hi]
-                    kernels.lstm_cell_backward(step, step, d_h, d_above[t, lo:hi], mask[lo:hi], c[t, lo:hi],
-                                               tanh_c[t, lo:hi], d_c)
-                    np.matmul(step, w_hh, out=d_h)
-
-            parallel_chunks(batch, time_loop)
+            np.copyto(ws.w_hh_t, w_hh.T)
+            ws.d_h.fill(0.0)
+            ws.d_c.fill(0.0)
+            parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_backward(
+                acts, ws.w_hh_t, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi))
             d_h0[layer] = ws.d_h
             d_c0[layer] = ws.d_c
             d_gates = acts.reshape(n_tokens, 4 * hidden)

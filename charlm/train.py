@@ -45,8 +45,8 @@ VOLATILE_METRIC_KEYS = ("time", "elapsed", "tok_per_s", "gflop_per_s")
 STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
 FROZEN_ON_RESUME = (
-    "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "tie_weights", "dtype",
-    "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length", "seed",
+    "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
+    "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length", "seed",
 )
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
@@ -81,6 +81,7 @@ class TrainConfig:
     hidden_size: int = 512
     embed_dim: int = 128
     dropout: float = 0.2
+    locked_dropout: bool = True
     tie_weights: bool = False
     dtype: str = "float32"
     seq_len: int = 128
@@ -113,7 +114,7 @@ class TrainConfig:
                 require_int(flag(name), getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
             require_int(flag(name), getattr(self, name), minimum=0)
-        for name in ("tie_weights", "random_length"):
+        for name in ("locked_dropout", "tie_weights", "random_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("corpus", "out"):
@@ -154,7 +155,8 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=vocab_size, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
-            num_layers=self.num_layers, dropout=self.dropout, tie_weights=self.tie_weights, dtype=self.dtype,
+            num_layers=self.num_layers, dropout=self.dropout, locked_dropout=self.locked_dropout,
+            tie_weights=self.tie_weights, dtype=self.dtype,
         )
 
     def to_dict(self) -> dict:

@@ -17,11 +17,11 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
 
 @pytest.mark.parametrize("layer0", ["never", "always"])
 @pytest.mark.parametrize("tie_weights", [False, True])
-@pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_gradients_match_finite_differences(layer0, tie_weights, dropout):
+@pytest.mark.parametrize(("dropout", "locked"), [(0.0, True), (0.4, True), (0.4, False)])
+def test_gradients_match_finite_differences(layer0, tie_weights, dropout, locked):
     embed_dim = HIDDEN if tie_weights else 4
     config = ModelConfig(vocab_size=VOCAB, embed_dim=embed_dim, hidden_size=HIDDEN, num_layers=2,
-                         dropout=dropout, tie_weights=tie_weights, dtype="float64")
+                         dropout=dropout, locked_dropout=locked, tie_weights=tie_weights, dtype="float64")
     model = LSTMLanguageModel(config, seed=3, embedding_table=layer0)
     data = np.random.default_rng(7)
     ids = data.integers(0, VOCAB, (STEPS, BATCH))
@@ -69,6 +69,19 @@ def test_dropout_masks_change_the_loss_and_eval_ignores_them():
     other = model.forward(ids, targets, train=True, rng=np.random.default_rng(2))[0]
     assert first == again
     assert first != other and first != eval_loss
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_locked_masks_are_shared_by_all_steps_and_per_step_masks_are_not(locked):
+    config = ModelConfig(vocab_size=VOCAB, embed_dim=4, hidden_size=64, num_layers=2, dropout=0.5,
+                         locked_dropout=locked)
+    masks = LSTMLanguageModel(config, seed=0)._dropout_masks(STEPS, BATCH, np.random.default_rng(0))
+    assert masks[0] is None and len(masks) == 3
+    for mask in masks[1:]:
+        assert mask.shape == (1 if locked else STEPS, BATCH, 64)
+        assert set(np.unique(mask)) == {0.0, 2.0}
+        if not locked:
+            assert not np.array_equal(mask[0], mask[1])
 
 
 def test_backward_without_training_forward_is_an_error():
