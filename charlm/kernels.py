@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from charlm.runtime import parallel_chunks
@@ -23,6 +24,11 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ERROR_MODEL = "numpy"
 # A decoder with at most this many weights is quicker on one thread than with a thread meeting (batch 1).
 _SERIAL_DECODER_WEIGHTS = 1 << 16
+# The recurrent products' register tile: TILE_ROWS batch rows × TILE_PANELS panels of one 64-byte vector
+# of columns each: 16 accumulators, half of the 32 vector registers of AVX-512.
+TILE_ROWS = 8
+TILE_PANELS = 2
+VECTOR_BYTES = 64
 # Below this many elements an elementwise pass is not worth handing to a second thread.
 _MIN_ELEMENTWISE_CHUNK = 1 << 15
 
@@ -131,72 +137,115 @@ def embedding_backward(d_table, ids, d_rows):
         d_table[ids[n]] += d_rows[n]
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
-def _add_row_products(x, w, out, lo, hi):
-    """out[b, j] += x[b] · w[j] for the rows b in [lo, hi): x: (B, K), w: (J, K).
+def panel_width(dtype) -> int:
+    """Columns per panel: one 64-byte vector register (16 float32 or 8 float64)."""
+    return VECTOR_BYTES // np.dtype(dtype).itemsize
 
-    The recurrent products of the time loop (16 rows per thread against a 1-4 MB matrix), where OpenBLAS
-    repacks the whole matrix on every call: here 4 rows × 4 outputs stay in registers while the shared
-    k loop vectorises, and each block of 4 matrix rows is read once, from cache, for all the rows."""
-    n_out, n_in = w.shape
-    blocked = n_out - n_out % 4
-    for b in range(lo, hi):
-        for j in range(blocked, n_out):
+
+def pack_panels(matrix, panels) -> None:
+    """Copy matrix (J, K) into panels (J / L, K, L): panels[p, k, l] = matrix[p * L + l, k], so that the
+    L outputs of one panel at one k are one vector load. An empty `panels` (where `panels_apply` is
+    false) is left as it is."""
+    n_panels, n_in, width = panels.shape
+    if n_panels == 0:
+        return
+    np.copyto(panels, matrix.reshape(n_panels, width, n_in).transpose(0, 2, 1))
+
+
+def panels_apply(n_out: int, dtype) -> bool:
+    """Whether a (n_out, K) matrix splits into whole tiles of panels (else the products use dot form)."""
+    return n_out % (TILE_PANELS * panel_width(dtype)) == 0
+
+
+@intrinsic
+def _add_tile_product(typingctx, x, panels, out, row, panel):
+    """out[row : row + TILE_ROWS, panel * L : (panel + TILE_PANELS) * L] += the product of those rows of
+    x (B, K) with panels[panel : panel + TILE_PANELS] (see `pack_panels`), all C-contiguous.
+
+    A register-blocked GEMM micro-kernel written as LLVM vector IR: TILE_ROWS × TILE_PANELS accumulators
+    stay in vector registers for the whole k loop, and each k costs TILE_PANELS vector loads and TILE_ROWS
+    broadcasts for TILE_ROWS × TILE_PANELS fused multiply-adds. (Numba's own loops vectorise such a
+    product only as dot products, whose horizontal sums cost ~25 % at K = 256.)"""
+    arrays = (x, panels, out)
+    if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == x.dtype for a in arrays) or \
+            (x.ndim, panels.ndim, out.ndim) != (2, 3, 2) or x.dtype not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_arr, panel_arr, out_arr = (context.make_array(ty)(context, builder, value)
+                                     for ty, value in zip(signature.args[:3], args[:3]))
+        row, panel = args[3], args[4]
+        intp = context.get_value_type(types.intp)
+        width = panel_width(np.float32 if x.dtype == types.float32 else np.float64)
+        vector = ir.VectorType(context.get_value_type(x.dtype), width)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{width}f{x.dtype.bitwidth}")
+        n_in = cgutils.unpack_tuple(builder, x_arr.shape, 2)[1]
+        n_out = cgutils.unpack_tuple(builder, out_arr.shape, 2)[1]
+
+        def const(value):
+            return ir.Constant(intp, value)
+
+        x_rows = [builder.gep(x_arr.data, [builder.mul(builder.add(row, const(r)), n_in)])
+                  for r in range(TILE_ROWS)]
+        panel_size = builder.mul(n_in, const(width))
+        panel_starts = [builder.gep(panel_arr.data, [builder.mul(builder.add(panel, const(q)), panel_size)])
+                        for q in range(TILE_PANELS)]
+        zero = ir.Constant(vector, [0.0] * width)
+        accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE_PANELS)]
+                        for _ in range(TILE_ROWS)]
+        undefined = ir.Constant(vector, ir.Undefined)
+        lane0 = ir.Constant(ir.IntType(32), 0)
+        broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+        with cgutils.for_range(builder, n_in) as loop:
+            offset = builder.mul(loop.index, const(width))
+            columns = [builder.load(builder.bitcast(builder.gep(start, [offset]), vector.as_pointer()), align=4)
+                       for start in panel_starts]
+            for r in range(TILE_ROWS):
+                value = builder.insert_element(undefined, builder.load(builder.gep(x_rows[r], [loop.index])), lane0)
+                value = builder.shuffle_vector(value, undefined, broadcast_mask)
+                for q in range(TILE_PANELS):
+                    acc = accumulators[r][q]
+                    builder.store(builder.call(fma, [value, columns[q], builder.load(acc)]), acc)
+        first_column = builder.mul(panel, const(width))
+        for r in range(TILE_ROWS):
+            out_row = builder.gep(out_arr.data, [builder.add(builder.mul(builder.add(row, const(r)), n_out),
+                                                             first_column)])
+            for q in range(TILE_PANELS):
+                target = builder.bitcast(builder.gep(out_row, [const(q * width)]), vector.as_pointer())
+                total = builder.fadd(builder.load(target, align=4), builder.load(accumulators[r][q]))
+                builder.store(total, target, align=4)
+        return context.get_dummy_value()
+
+    return types.void(x, panels, out, types.intp, types.intp), codegen
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _add_row_products(x, w, panels, out, lo, hi):
+    """out[b] += w @ x[b] for the rows b in [lo, hi): x: (B, K), w: (J, K); panels: w packed by
+    `pack_panels`, or a (0, K, L) array where `panels_apply` is false.
+
+    The time loop's recurrent products: 16 rows per thread against a 1-4 MB matrix, where OpenBLAS
+    repacks the matrix on every call. Whole tiles of rows go through the register-blocked kernel, with
+    the panels for all of them before the next panels (which stay in cache); the rest as dot products."""
+    n_tiles = (hi - lo) // TILE_ROWS if panels.shape[0] > 0 else 0
+    for panel in range(0, panels.shape[0], TILE_PANELS):
+        for tile in range(n_tiles):
+            _add_tile_product(x, panels, out, lo + tile * TILE_ROWS, panel)
+    for b in range(lo + n_tiles * TILE_ROWS, hi):
+        for j in range(w.shape[0]):
             out[b, j] += _dot(w[j], x[b])
-    for j in range(0, blocked, 4):
-        b = lo
-        while b + 4 <= hi:
-            a00, a01, a02, a03 = out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3]
-            a10, a11, a12, a13 = out[b + 1, j], out[b + 1, j + 1], out[b + 1, j + 2], out[b + 1, j + 3]
-            a20, a21, a22, a23 = out[b + 2, j], out[b + 2, j + 1], out[b + 2, j + 2], out[b + 2, j + 3]
-            a30, a31, a32, a33 = out[b + 3, j], out[b + 3, j + 1], out[b + 3, j + 2], out[b + 3, j + 3]
-            for k in range(n_in):
-                w0, w1, w2, w3 = w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k]
-                v = x[b, k]
-                a00 += v * w0
-                a01 += v * w1
-                a02 += v * w2
-                a03 += v * w3
-                v = x[b + 1, k]
-                a10 += v * w0
-                a11 += v * w1
-                a12 += v * w2
-                a13 += v * w3
-                v = x[b + 2, k]
-                a20 += v * w0
-                a21 += v * w1
-                a22 += v * w2
-                a23 += v * w3
-                v = x[b + 3, k]
-                a30 += v * w0
-                a31 += v * w1
-                a32 += v * w2
-                a33 += v * w3
-            out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3] = a00, a01, a02, a03
-            out[b + 1, j], out[b + 1, j + 1], out[b + 1, j + 2], out[b + 1, j + 3] = a10, a11, a12, a13
-            out[b + 2, j], out[b + 2, j + 1], out[b + 2, j + 2], out[b + 2, j + 3] = a20, a21, a22, a23
-            out[b + 3, j], out[b + 3, j + 1], out[b + 3, j + 2], out[b + 3, j + 3] = a30, a31, a32, a33
-            b += 4
-        while b < hi:
-            a0, a1, a2, a3 = out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3]
-            for k in range(n_in):
-                v = x[b, k]
-                a0 += v * w[j, k]
-                a1 += v * w[j + 1, k]
-                a2 += v * w[j + 2, k]
-                a3 += v * w[j + 3, k]
-            out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3] = a0, a1, a2, a3
-            b += 1
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
-def lstm_layer_forward(acts, use_table, table, ids, w_hh, bias, h, c, tanh_c, lo, hi):
+def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, c, tanh_c, lo, hi):
     """One layer's whole time loop over a window, for the batch rows [lo, hi) (a thread's share).
 
     acts: (T, B, 4H) holds the input projections x_t @ W_ihᵀ on entry, or with `use_table` they are the
     rows ids (T, B) of table (V, 4H); on exit the activations [i, f, g, o] kept for backward. Per step:
-    pre-activations = projection + bias + h_{t-1} @ W_hhᵀ, then the gate nonlinearities and the cell
-    update. h, c: (T+1, B, H) with the initial state in h[0], c[0]; tanh_c: (T, B, H)."""
+    pre-activations = projection + bias + h_{t-1} @ W_hhᵀ (w_hh_panels: W_hh packed, see
+    `_add_row_products`), then the gate nonlinearities and the cell update. h, c: (T+1, B, H) with the
+    initial state in h[0], c[0]; tanh_c: (T, B, H)."""
     steps, four_h = acts.shape[0], acts.shape[2]
     for t in range(steps):
         for b in range(lo, hi):
@@ -208,7 +257,7 @@ def lstm_layer_forward(acts, use_table, table, ids, w_hh, bias, h, c, tanh_c, lo
             else:
                 for j in range(four_h):
                     row[j] += bias[j]
-        _add_row_products(h[t], w_hh, acts[t], lo, hi)
+        _add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi)
         for b in range(lo, hi):
             _activate_gates(acts[t, b])
             _cell_update(acts[t, b], c[t, b], c[t + 1, b], h[t + 1, b], tanh_c[t, b])
@@ -243,11 +292,11 @@ def _cell_update(gates, c_prev, c, h, tanh_c):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
-def lstm_layer_backward(acts, w_hh_t, d_h, d_c, d_above, mask, c, tanh_c, lo, hi):
+def lstm_layer_backward(acts, w_hh_t, w_hh_t_panels, d_h, d_c, d_above, mask, c, tanh_c, lo, hi):
     """Backward of `lstm_layer_forward` in reverse time for the batch rows [lo, hi).
 
     acts: (T, B, 4H) activations on entry, gradients of the gate pre-activations dG on exit. The gradient
-    reaching h_t is the recurrent dG_{t+1} @ W_hh (w_hh_t = W_hhᵀ, contiguous, so the product reads rows)
+    reaching h_t is the recurrent dG_{t+1} @ W_hh (w_hh_t: W_hhᵀ, contiguous, and its panels)
     plus d_above[t] * mask from the layer above or the decoder; mask: (1, B, H) shared by all steps, or
     (T, B, H). d_h, d_c: (B, H) are zero on entry and hold the gradients of h0, c0 on exit."""
     steps, four_h = acts.shape[0], acts.shape[2]
@@ -273,7 +322,7 @@ def lstm_layer_backward(acts, w_hh_t, d_h, d_c, d_above, mask, c, tanh_c, lo, hi
                 gates[3 * hidden + k] = dh * tc * o * (one - o)
                 dc_row[k] = dc * f
                 dh_rec[k] = 0.0
-        _add_row_products(acts[t], w_hh_t, d_h, lo, hi)
+        _add_row_products(acts[t], w_hh_t, w_hh_t_panels, d_h, lo, hi)
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)

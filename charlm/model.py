@@ -102,6 +102,7 @@ class _Workspace:
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
+        self.w_hh_panels = self._panels(4 * hidden, hidden, dtype)
         dropout = train and config.dropout > 0.0
         # dropped[l] is the masked input of layer l (l >= 1); dropped[layers] the masked decoder input.
         self.dropped = [None] + [
@@ -110,12 +111,21 @@ class _Workspace:
         if train:
             self.ones = np.ones((1, batch, hidden), dtype)
             self.w_hh_t = np.zeros((hidden, 4 * hidden), dtype)
+            self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype)
             self.d_h = np.zeros((batch, hidden), dtype)
             self.d_c = np.zeros((batch, hidden), dtype)
             self.d_hidden = np.zeros((steps, batch, hidden), dtype)
             self.d_embedded = np.zeros((steps, batch, config.embed_dim), dtype)
             self.d_table = np.zeros((vocab, 4 * hidden), dtype)
             self.d_decoder = np.zeros((vocab, hidden), dtype) if config.tie_weights else None
+
+
+    @staticmethod
+    def _panels(n_out: int, n_in: int, dtype) -> np.ndarray:
+        """Room for a (n_out, n_in) matrix packed by kernels.pack_panels (empty where panels do not apply)."""
+        width = kernels.panel_width(dtype)
+        n_panels = n_out // width if kernels.panels_apply(n_out, dtype) else 0
+        return np.zeros((n_panels, n_in, width), dtype)
 
 
 class LSTMLanguageModel:
@@ -213,8 +223,9 @@ class LSTMLanguageModel:
                     inputs = self._layer_input(ws, layer, masks)
                 parallel_matmul(inputs.reshape(n_tokens, -1), w_ih.T, acts.reshape(n_tokens, 4 * hidden))
 
+            kernels.pack_panels(w_hh, ws.w_hh_panels)
             parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_forward(
-                acts, table, ws.table, ids, w_hh, bias, h, c, tanh_c, lo, hi))
+                acts, table, ws.table, ids, w_hh, ws.w_hh_panels, bias, h, c, tanh_c, lo, hi))
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
 
     @staticmethod
@@ -302,10 +313,11 @@ class LSTMLanguageModel:
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             mask = ws.ones if masks is None else masks[layer + 1]
             np.copyto(ws.w_hh_t, w_hh.T)
+            kernels.pack_panels(ws.w_hh_t, ws.w_hh_t_panels)
             ws.d_h.fill(0.0)
             ws.d_c.fill(0.0)
             parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_backward(
-                acts, ws.w_hh_t, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi))
+                acts, ws.w_hh_t, ws.w_hh_t_panels, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi))
             d_h0[layer] = ws.d_h
             d_c0[layer] = ws.d_c
             d_gates = acts.reshape(n_tokens, 4 * hidden)

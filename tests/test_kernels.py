@@ -73,6 +73,28 @@ def test_softmax_xent_matches_numpy_and_is_stable(dtype, scale):
     np.testing.assert_allclose(logits.sum(axis=1), 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n_out", "n_in", "lo", "hi"), [
+    (64, 7, 0, 16),    # whole tiles only
+    (64, 33, 3, 20),   # two tiles and a leftover row, starting mid-array
+    (96, 5, 1, 6),     # fewer rows than a tile
+    (100, 20, 0, 17),  # no whole panels: dot products throughout
+])
+def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
+    rng = np.random.default_rng(n_out + n_in)
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    x = rng.standard_normal((hi + 2, n_in)).astype(dtype)
+    out = rng.standard_normal((hi + 2, n_out)).astype(dtype)
+    expected = out.copy()
+    expected[lo:hi] += x[lo:hi] @ w.T
+    width = kernels.panel_width(dtype)
+    panels = np.zeros((n_out // width if kernels.panels_apply(n_out, dtype) else 0, n_in, width), dtype)
+    kernels.pack_panels(w, panels)
+    kernels._add_row_products(x, w, panels, out, lo, hi)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_embedding_forward_and_backward_with_repeated_ids():
     rng = np.random.default_rng(2)
     table = rng.normal(size=(5, 130))
