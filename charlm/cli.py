@@ -17,6 +17,7 @@ import click
 
 from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from charlm.corpus import resolve_corpus
+from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
 from charlm.optim import SCHEDULES
@@ -95,6 +96,9 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {_default('seq_len')}].")
 @click.option("--batch-size", type=int, help=f"Parallel streams B [default: {_default('batch_size')}].")
 @click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T.")
+@click.option("--window-sampling", type=click.Choice(SAMPLINGS),
+              help="B contiguous streams with the state carried, or rows at random places from a zero state "
+                   f"[default: {_default('window_sampling')}].")
 @click.option("--lr", type=float, help=f"Peak learning rate [default: {_default('lr'):g}].")
 @click.option("--weight-decay", type=float,
               help=f"AdamW decoupled weight decay on matrices [default: {_default('weight_decay'):g}].")

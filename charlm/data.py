@@ -4,7 +4,8 @@ Ids are encoded once per (text, tokenizer) and kept as a memory-mapped .npy in c
 large corpus is not held as text and ids at once and later runs skip encoding. BatchStream cuts the
 ids into `batch_size` contiguous streams (pytorch/examples' `batchify`) and walks them in windows of
 `seq_len` steps; the hidden state carries from one window to the next and is reset only when an epoch
-starts, which each window reports.
+starts, which each window reports. Or it samples every window's rows at random places in the corpus
+(nanoGPT's `get_batch`), each starting from a zero state: batches are then independent draws.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from charlm.tokenize import Tokenizer
 RANDOM_LENGTH_STD = 5.0
 RANDOM_LENGTH_FULL_PROB = 0.95
 MIN_RANDOM_LENGTH = 2
+SAMPLINGS = ("streams", "random")
 
 
 def encode_cached(tokenizer: Tokenizer, text: str, key: str | None = None, unknown: str = "error") -> np.ndarray:
@@ -65,15 +67,18 @@ def _save_atomically(path: Path, array: np.ndarray) -> None:
 
 class Window(NamedTuple):
     """inputs and targets: (T, B) int32, C-contiguous, targets one step ahead of inputs;
-    new_epoch: the first window of an epoch, where the trainer resets the hidden state."""
+    reset_state: the rows do not continue the previous window's (a new epoch, or random sampling), so
+    the trainer starts this window from a zero state."""
 
     inputs: np.ndarray
     targets: np.ndarray
-    new_epoch: bool
+    reset_state: bool
 
 
 class BatchStream:
-    """`batch_size` contiguous streams over `ids`, read in windows of `seq_len` steps.
+    """`batch_size` contiguous streams over `ids`, read in windows of `seq_len` steps; or, with
+    sampling="random", windows whose rows start at uniformly random places (an epoch is then as many
+    windows as the streams would make).
 
     With `random_length`, each window's length is drawn as in AWD-LSTM: N(seq_len, 5) with probability
     0.95, else N(seq_len / 2, 5), at least 2 and at most `max_seq_len` (seq_len + 15). The last window
@@ -81,9 +86,12 @@ class BatchStream:
     `state_dict()` captures the cursor and random state: a restored stream yields the same windows.
     """
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, random_length: bool = False, seed: int = 0):
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, random_length: bool = False,
+                 sampling: str = "streams", seed: int = 0):
         require_int("batch_size", batch_size)
         require_int("seq_len", seq_len)
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"window sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         if random_length and seq_len < MIN_RANDOM_LENGTH:
             raise ConfigError(f"seq_len must be at least {MIN_RANDOM_LENGTH} with random window lengths")
         ids = np.asarray(ids)
@@ -98,8 +106,10 @@ class BatchStream:
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.random_length = random_length
+        self.sampling = sampling
         self.max_seq_len = seq_len + int(3 * RANDOM_LENGTH_STD) if random_length else seq_len
         self._num_tokens = len(ids)
+        self._ids = ids
         self._streams = ids[: steps * batch_size].reshape(batch_size, steps)
         self._steps = steps
         self._rng = np.random.default_rng(seed)
@@ -112,16 +122,21 @@ class BatchStream:
         return math.ceil((self._steps - 1) / self.seq_len)
 
     def next_window(self) -> Window:
-        new_epoch = self.position == 0
         start = self.position
         length = min(self._window_length(), self._steps - 1 - start)
-        inputs = np.ascontiguousarray(self._streams[:, start:start + length].T, dtype=np.int32)
-        targets = np.ascontiguousarray(self._streams[:, start + 1:start + length + 1].T, dtype=np.int32)
+        if self.sampling == "random":
+            row_starts = self._rng.integers(0, self._num_tokens - length, self.batch_size)
+            spans = self._ids[row_starts[None, :] + np.arange(length + 1)[:, None]].astype(np.int32)
+            inputs, targets = np.ascontiguousarray(spans[:-1]), np.ascontiguousarray(spans[1:])
+        else:
+            inputs = np.ascontiguousarray(self._streams[:, start:start + length].T, dtype=np.int32)
+            targets = np.ascontiguousarray(self._streams[:, start + 1:start + length + 1].T, dtype=np.int32)
+        reset_state = start == 0 or self.sampling == "random"
         self.position = start + length
         if self.position >= self._steps - 1:
             self.position = 0
             self.current_epoch += 1
-        return Window(inputs, targets, new_epoch)
+        return Window(inputs, targets, reset_state)
 
     def epoch(self) -> Iterator[Window]:
         """The windows left in the current epoch (all of them when it has not started)."""
@@ -140,15 +155,18 @@ class BatchStream:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "random_length": self.random_length,
+            "sampling": self.sampling,
             "num_tokens": self._num_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = {"sampling": "streams", **state}  # states saved before random sampling existed
         for name, current in (("batch_size", self.batch_size), ("seq_len", self.seq_len),
-                              ("random_length", self.random_length), ("num_tokens", self._num_tokens)):
-            if state.get(name) != current:
+                              ("random_length", self.random_length), ("sampling", self.sampling),
+                              ("num_tokens", self._num_tokens)):
+            if saved.get(name) != current:
                 raise ConfigError(
-                    f"cannot resume the batch stream: {name} was {state.get(name)!r}, now {current!r}"
+                    f"cannot resume the batch stream: {name} was {saved.get(name)!r}, now {current!r}"
                 )
         position = state["position"]
         if not 0 <= position < self._steps - 1:

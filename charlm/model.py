@@ -119,7 +119,6 @@ class _Workspace:
             self.d_table = np.zeros((vocab, 4 * hidden), dtype)
             self.d_decoder = np.zeros((vocab, hidden), dtype) if config.tie_weights else None
 
-
     @staticmethod
     def _panels(n_out: int, n_in: int, dtype) -> np.ndarray:
         """Room for a (n_out, n_in) matrix packed by kernels.pack_panels (empty where panels do not apply)."""
@@ -192,10 +191,12 @@ class LSTMLanguageModel:
         """One mask per masked tensor: (1, B, H) shared by all steps of the window when locked, else (T, B, H)."""
         keep = 1.0 - self.config.dropout
         shape = (1 if self.config.locked_dropout else steps, batch, self.config.hidden_size)
-        masks = [(rng.random(shape, dtype=np.float32) < keep).astype(self._dtype) for _ in range(self.config.num_layers)]
-        for mask in masks:
+        masks = [None]
+        for _ in range(self.config.num_layers):
+            mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
             mask *= 1.0 / keep
-        return [None] + masks
+            masks.append(mask)
+        return masks
 
     def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, use_table: bool) -> np.ndarray:
         """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied.

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from charlm.config import ModelConfig, require_int
 from charlm.corpus import resolve_corpus
-from charlm.data import BatchStream, encode_cached
+from charlm.data import SAMPLINGS, BatchStream, encode_cached
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
@@ -46,7 +46,8 @@ STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
 FROZEN_ON_RESUME = (
     "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
-    "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length", "seed",
+    "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length",
+    "window_sampling", "seed",
 )
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
@@ -87,6 +88,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 32
     random_length: bool = False
+    window_sampling: str = "streams"
     lr: float = 2e-3
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -135,6 +137,7 @@ class TrainConfig:
         _require_choice("tokenizer", self.tokenizer, TOKENIZERS)
         _require_choice("schedule", self.schedule, SCHEDULES)
         _require_choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
+        _require_choice("window_sampling", self.window_sampling, SAMPLINGS)
         self.model_config(vocab_size=1)  # shape rules (tied weights, dtype) fail now, not after tokenizing
 
     def _check_float(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -402,7 +405,8 @@ class _Run:
             raise CorpusError(f"validation split of {config.corpus!r} is too short ({len(self.valid_ids)} tokens)")
         self.valid_chars = predicted_chars(self.tokenizer, self.valid_ids)
         self.stream = BatchStream(train_ids, config.batch_size, config.seq_len,
-                                  random_length=config.random_length, seed=config.seed)
+                                  random_length=config.random_length, sampling=config.window_sampling,
+                                  seed=config.seed)
 
         self.model_config = config.model_config(self.tokenizer.vocab_size)
         self.model = LSTMLanguageModel(self.model_config, params=checkpoint.params if checkpoint else None,
@@ -542,8 +546,8 @@ class _Run:
 
         Returns the learning rate used and the tokens in the window.
         """
-        inputs, targets, new_epoch = self.stream.next_window()
-        if new_epoch:
+        inputs, targets, reset_state = self.stream.next_window()
+        if reset_state:
             self.hidden = self.model.zero_state(self.config.batch_size)
         loss, hidden = self.model.forward(inputs, targets, self.hidden, train=True, rng=self.dropout_rng)
         grads, _ = self.model.backward()

@@ -70,12 +70,12 @@ def test_windows_walk_contiguous_streams_like_batchify():
     windows = list(stream.epoch())
     assert len(windows) == stream.windows_per_epoch == 5  # 24 steps of input: 5+5+5+5+4
     position = 0
-    for inputs, targets, new_epoch in windows:
+    for inputs, targets, reset_state in windows:
         assert inputs.dtype == np.int32 and inputs.flags.c_contiguous and inputs.shape[1] == 4
         expected = np.arange(position, position + len(inputs))[:, None] + steps * np.arange(4)[None, :]
         np.testing.assert_array_equal(inputs, expected)
         np.testing.assert_array_equal(targets, expected + 1)
-        assert new_epoch == (position == 0)
+        assert reset_state == (position == 0)
         position += len(inputs)
     assert position == steps - 1
     every_target = np.concatenate([targets for _, targets, _ in windows])
@@ -85,26 +85,53 @@ def test_windows_walk_contiguous_streams_like_batchify():
 
 def test_epochs_follow_each_other_and_report_their_start():
     stream = BatchStream(np.arange(50), batch_size=2, seq_len=4)
-    first = [w.new_epoch for w in stream.epoch()]
+    first = [w.reset_state for w in stream.epoch()]
     assert first[0] and not any(first[1:]) and stream.current_epoch == 1 and stream.position == 0
     window = stream.next_window()
-    assert window.new_epoch and stream.current_epoch == 1
+    assert window.reset_state and stream.current_epoch == 1
 
 
-@pytest.mark.parametrize("random_length", [False, True])
-def test_a_restored_stream_yields_exactly_the_same_windows(random_length):
+@pytest.mark.parametrize(("random_length", "sampling"), [(False, "streams"), (True, "streams"), (True, "random")])
+def test_a_restored_stream_yields_exactly_the_same_windows(random_length, sampling):
     ids = np.arange(2000) % 97
-    stream = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, seed=7)
+    stream = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, sampling=sampling, seed=7)
     for _ in range(45):
         stream.next_window()
     saved = json.loads(json.dumps(stream.state_dict()))
     expected = [stream.next_window() for _ in range(30)]
-    restored = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, seed=123)
+    restored = BatchStream(ids, batch_size=3, seq_len=20, random_length=random_length, sampling=sampling, seed=123)
     restored.load_state_dict(saved)
     for want, got in zip(expected, (restored.next_window() for _ in range(30))):
         np.testing.assert_array_equal(want.inputs, got.inputs)
         np.testing.assert_array_equal(want.targets, got.targets)
-        assert want.new_epoch == got.new_epoch
+        assert want.reset_state == got.reset_state
+
+
+def test_random_sampling_draws_spans_from_everywhere_and_always_resets_the_state():
+    ids = np.arange(1000)
+    stream = BatchStream(ids, batch_size=4, seq_len=10, sampling="random", seed=0)
+    windows = list(stream.epoch())
+    assert len(windows) == stream.windows_per_epoch and stream.current_epoch == 1
+    starts = []
+    for inputs, targets, reset_state in windows:
+        assert reset_state and inputs.dtype == np.int32 and inputs.flags.c_contiguous
+        np.testing.assert_array_equal(inputs, inputs[0] + np.arange(len(inputs))[:, None])  # contiguous spans
+        np.testing.assert_array_equal(targets, inputs + 1)
+        assert targets.max() < len(ids)
+        starts.extend(inputs[0])
+    assert min(starts) < 100 and max(starts) > 880  # the streams would start every row at 0, 250, 500, 750
+    with pytest.raises(ConfigError, match="window sampling must be one of"):
+        BatchStream(ids, batch_size=4, seq_len=10, sampling="shuffled")
+
+
+def test_a_stream_cursor_does_not_resume_with_another_sampling():
+    stream = BatchStream(np.arange(500), batch_size=2, seq_len=10)
+    stream.next_window()
+    state = stream.state_dict()
+    with pytest.raises(ConfigError, match="sampling was 'streams', now 'random'"):
+        BatchStream(np.arange(500), batch_size=2, seq_len=10, sampling="random").load_state_dict(state)
+    del state["sampling"]  # saved before the option existed: streams
+    BatchStream(np.arange(500), batch_size=2, seq_len=10).load_state_dict(state)
 
 
 def test_random_lengths_follow_the_awd_lstm_rule():

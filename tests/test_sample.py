@@ -59,7 +59,7 @@ def trained():
     state = model.zero_state(16)
     for step in range(250):
         window = stream.next_window()
-        if window.new_epoch:
+        if window.reset_state:
             state = model.zero_state(16)
         _, state = model.forward(window.inputs, window.targets, state, train=True)
         grads, _ = model.backward()
