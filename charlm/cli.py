@@ -90,6 +90,8 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--dropout", type=float, help=f"Dropout probability [default: {_default('dropout')}].")
 @click.option("--locked-dropout/--per-step-dropout", default=None,
               help="One dropout mask per window (AWD-LSTM) or a fresh one every step [default: locked].")
+@click.option("--weight-drop", type=float,
+              help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {_default('weight_drop')}].")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]),
               help=f"Parameter dtype [default: {_default('dtype')}].")

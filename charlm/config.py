@@ -23,7 +23,8 @@ class ModelConfig:
 
     `dropout` is inverted and applied to the input of every LSTM layer but the first and to the last
     layer's output; `locked_dropout` shares one mask by all time steps of a window (variational, as in
-    AWD-LSTM), otherwise every step draws its own (as nn.LSTM's dropout does).
+    AWD-LSTM), otherwise every step draws its own (as nn.LSTM's dropout does). `weight_drop` is AWD-LSTM's
+    DropConnect on every layer's W_hh: one mask per window, shared by all steps and rows.
     `tie_weights` shares the embedding with the decoder and needs `embed_dim == hidden_size`.
     """
 
@@ -33,14 +34,17 @@ class ModelConfig:
     num_layers: int = 2
     dropout: float = 0.2
     locked_dropout: bool = True
+    weight_drop: float = 0.0
     tie_weights: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
             require_int(name, getattr(self, name))
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "weight_drop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         for name in ("locked_dropout", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -110,6 +110,9 @@ class _Workspace:
         ]
         if train:
             self.ones = np.ones((1, batch, hidden), dtype)
+            self.w_hh_dropped = [
+                np.zeros((4 * hidden, hidden), dtype) if config.weight_drop > 0.0 else None for _ in range(layers)
+            ]
             self.w_hh_t = np.zeros((hidden, 4 * hidden), dtype)
             self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype)
             self.d_h = np.zeros((batch, hidden), dtype)
@@ -198,7 +201,25 @@ class LSTMLanguageModel:
             masks.append(mask)
         return masks
 
-    def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, use_table: bool) -> np.ndarray:
+    def _weight_drop_masks(self, rng) -> list[np.ndarray]:
+        """One DropConnect mask (4H, H) per layer's W_hh, drawn after the dropout masks."""
+        keep = 1.0 - self.config.weight_drop
+        shape = (4 * self.config.hidden_size, self.config.hidden_size)
+        masks = []
+        for _ in range(self.config.num_layers):
+            mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
+            mask *= 1.0 / keep
+            masks.append(mask)
+        return masks
+
+    def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:
+        """Each layer's W_hh as this window uses it: the parameter, or its masked copy under weight drop."""
+        weights = [self.params[f"lstm.{layer}.w_hh"] for layer in range(self.config.num_layers)]
+        if weight_masks is None:
+            return weights
+        return [np.multiply(w, mask, out=out) for w, mask, out in zip(weights, weight_masks, ws.w_hh_dropped)]
+
+    def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, recurrent, use_table: bool) -> np.ndarray:
         """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied.
 
         The time loop runs on the threads' shares of the batch rows, which stay independent for all T."""
@@ -207,7 +228,7 @@ class LSTMLanguageModel:
         hidden = self.config.hidden_size
         params = self.params
         for layer in range(self.config.num_layers):
-            w_hh = params[f"lstm.{layer}.w_hh"]
+            w_hh = recurrent[layer]
             w_ih = params[f"lstm.{layer}.w_ih"]
             bias = params[f"lstm.{layer}.bias"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
@@ -253,9 +274,13 @@ class LSTMLanguageModel:
         h0, c0 = self._check_state(state, batch)
         self._saved = None
         ws = self._workspace(steps, batch, train)
-        masks = None
+        masks = weight_masks = None
+        rng = self._dropout_rng if rng is None else rng
         if train and self.config.dropout > 0.0:
-            masks = self._dropout_masks(steps, batch, self._dropout_rng if rng is None else rng)
+            masks = self._dropout_masks(steps, batch, rng)
+        if train and self.config.weight_drop > 0.0:
+            weight_masks = self._weight_drop_masks(rng)
+        recurrent = self._recurrent_weights(ws, weight_masks)
         use_table = self._uses_table(n_tokens)
         bias = self.params["decoder.bias"]
         flat_targets = targets.reshape(-1)
@@ -267,11 +292,12 @@ class LSTMLanguageModel:
             return kernels.softmax_xent_forward(logits[lo:hi], bias, flat_targets[lo:hi])
 
         with single_threaded_blas():
-            outputs = self._run_layers(ws, ids, h0, c0, masks, use_table)
+            outputs = self._run_layers(ws, ids, h0, c0, masks, recurrent, use_table)
             parallel_matmul(outputs, self._decoder_weight.T, logits)
             total = sum(parallel_chunks(n_tokens, cross_entropy))
         if train:
-            self._saved = {"ws": ws, "ids": ids, "masks": masks, "use_table": use_table, "outputs": outputs}
+            self._saved = {"ws": ws, "ids": ids, "masks": masks, "recurrent": recurrent,
+                           "weight_masks": weight_masks, "use_table": use_table, "outputs": outputs}
         return float(total) / n_tokens, self._final_state(ws)
 
     def backward(self) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -290,12 +316,16 @@ class LSTMLanguageModel:
         d_h0 = np.zeros((config.num_layers, batch, config.hidden_size), self._dtype)
         d_c0 = np.zeros_like(d_h0)
         with single_threaded_blas():
-            self._backward_layers(ws, ids, masks, use_table, saved["outputs"], grads, d_h0, d_c0)
+            self._backward_layers(ws, ids, masks, saved["recurrent"], use_table, saved["outputs"], grads, d_h0, d_c0)
+            if saved["weight_masks"] is not None:
+                for layer, mask in enumerate(saved["weight_masks"]):
+                    grads[f"lstm.{layer}.w_hh"] *= mask
         if config.tie_weights:
             grads["embedding"] += ws.d_decoder
         return grads, (d_h0, d_c0)
 
-    def _backward_layers(self, ws: _Workspace, ids, masks, use_table: bool, outputs, grads, d_h0, d_c0) -> None:
+    def _backward_layers(self, ws: _Workspace, ids, masks, recurrent, use_table: bool, outputs, grads, d_h0,
+                         d_c0) -> None:
         """Decoder, then every layer in reverse time; each weight gradient is one GEMM over the window."""
         config, params = self.config, self.params
         steps, batch = ids.shape
@@ -309,7 +339,7 @@ class LSTMLanguageModel:
         d_above = ws.d_hidden
         parallel_matmul(d_logits, self._decoder_weight, d_above.reshape(n_tokens, hidden))
         for layer in reversed(range(config.num_layers)):
-            w_hh = params[f"lstm.{layer}.w_hh"]
+            w_hh = recurrent[layer]
             w_ih = params[f"lstm.{layer}.w_ih"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             mask = ws.ones if masks is None else masks[layer + 1]
@@ -360,7 +390,8 @@ class LSTMLanguageModel:
         ws = self._workspace(steps, batch, False)
         logits = np.empty((steps * batch, self.config.vocab_size), self._dtype)
         with single_threaded_blas():
-            outputs = self._run_layers(ws, ids, h0, c0, None, self._uses_table(steps * batch))
+            outputs = self._run_layers(ws, ids, h0, c0, None, self._recurrent_weights(ws, None),
+                                       self._uses_table(steps * batch))
             parallel_matmul(outputs, self._decoder_weight.T, logits)
         logits += self.params["decoder.bias"]
         return logits.reshape(steps, batch, -1), self._final_state(ws)

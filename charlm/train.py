@@ -46,7 +46,7 @@ STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
 FROZEN_ON_RESUME = (
     "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
-    "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length",
+    "weight_drop", "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length",
     "window_sampling", "seed",
 )
 # Fields whose command-line flag is not simply the field name with dashes.
@@ -83,6 +83,7 @@ class TrainConfig:
     embed_dim: int = 128
     dropout: float = 0.2
     locked_dropout: bool = True
+    weight_drop: float = 0.0
     tie_weights: bool = False
     dtype: str = "float32"
     seq_len: int = 128
@@ -126,6 +127,7 @@ class TrainConfig:
         self._check_float("weight_decay", low=0.0)
         self._check_float("clip", low=0.0)
         self._check_float("dropout", low=0.0, high=1.0)
+        self._check_float("weight_drop", low=0.0, high=1.0)
         if self.valid_fraction is not None:
             self._check_float("valid_fraction", low=0.0, high=1.0, low_open=True)
         self._check_float("beta1", low=0.0, high=1.0)
@@ -159,7 +161,7 @@ class TrainConfig:
         return ModelConfig(
             vocab_size=vocab_size, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
             num_layers=self.num_layers, dropout=self.dropout, locked_dropout=self.locked_dropout,
-            tie_weights=self.tie_weights, dtype=self.dtype,
+            weight_drop=self.weight_drop, tie_weights=self.tie_weights, dtype=self.dtype,
         )
 
     def to_dict(self) -> dict:

@@ -17,11 +17,11 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
 
 @pytest.mark.parametrize("layer0", ["never", "always"])
 @pytest.mark.parametrize("tie_weights", [False, True])
-@pytest.mark.parametrize(("dropout", "locked"), [(0.0, True), (0.4, True), (0.4, False)])
-def test_gradients_match_finite_differences(layer0, tie_weights, dropout, locked):
+@pytest.mark.parametrize(("dropout", "locked", "weight_drop"), [(0.0, True, 0.0), (0.4, True, 0.0), (0.4, False, 0.3)])
+def test_gradients_match_finite_differences(layer0, tie_weights, dropout, locked, weight_drop):
     embed_dim = HIDDEN if tie_weights else 4
-    config = ModelConfig(vocab_size=VOCAB, embed_dim=embed_dim, hidden_size=HIDDEN, num_layers=2,
-                         dropout=dropout, locked_dropout=locked, tie_weights=tie_weights, dtype="float64")
+    config = ModelConfig(vocab_size=VOCAB, embed_dim=embed_dim, hidden_size=HIDDEN, num_layers=2, dropout=dropout,
+                         locked_dropout=locked, weight_drop=weight_drop, tie_weights=tie_weights, dtype="float64")
     model = LSTMLanguageModel(config, seed=3, embedding_table=layer0)
     data = np.random.default_rng(7)
     ids = data.integers(0, VOCAB, (STEPS, BATCH))
