@@ -165,7 +165,7 @@ def _add_tile_product(typingctx, x, panels, out, row, panel):
     A register-blocked GEMM micro-kernel written as LLVM vector IR: TILE_ROWS × TILE_PANELS accumulators
     stay in vector registers for the whole k loop, and each k costs TILE_PANELS vector loads and TILE_ROWS
     broadcasts for TILE_ROWS × TILE_PANELS fused multiply-adds. (Numba's own loops vectorise such a
-    product only as dot products, whose horizontal sums cost ~25 % at K = 256.)"""
+    product only as dot products, each ending in a horizontal sum: costly when K is only 256.)"""
     arrays = (x, panels, out)
     if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == x.dtype for a in arrays) or \
             (x.ndim, panels.ndim, out.ndim) != (2, 3, 2) or x.dtype not in (types.float32, types.float64):
@@ -225,8 +225,8 @@ def _add_row_products(x, w, panels, out, lo, hi):
     """out[b] += w @ x[b] for the rows b in [lo, hi): x: (B, K), w: (J, K); panels: w packed by
     `pack_panels`, or a (0, K, L) array where `panels_apply` is false.
 
-    The time loop's recurrent products: 16 rows per thread against a 1-4 MB matrix, where OpenBLAS
-    repacks the matrix on every call. Whole tiles of rows go through the register-blocked kernel, with
+    The time loop's recurrent products: 16 rows per thread against a 1-4 MB matrix, which a BLAS call
+    would pack afresh at every step. Whole tiles of rows go through the register-blocked kernel, with
     the panels for all of them before the next panels (which stay in cache); the rest as dot products."""
     n_tiles = (hi - lo) // TILE_ROWS if panels.shape[0] > 0 else 0
     for panel in range(0, panels.shape[0], TILE_PANELS):
