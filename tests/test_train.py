@@ -66,9 +66,13 @@ def test_training_lowers_validation_loss_and_writes_the_run_folder(corpus, tmp_p
     assert state.train_config["max_steps"] == 60
 
 
-def test_killed_run_resumes_bit_identically(corpus, tmp_path, monkeypatch):
-    """Dropout, random window lengths and a carried state all survive a kill between checkpoints."""
-    options = dict(dropout=0.3, random_length=True, seq_len=10)
+@pytest.mark.parametrize("options", [
+    dict(dropout=0.3, random_length=True, seq_len=10),
+    dict(dropout=0.3, locked_dropout=False, weight_drop=0.2, window_sampling="random", seq_len=10),
+], ids=["streams", "random-windows"])
+def test_killed_run_resumes_bit_identically(corpus, tmp_path, monkeypatch, options):
+    """Dropout and weight-drop masks, random windows or lengths and a carried state all survive a kill
+    between checkpoints."""
     reference = tmp_path / "reference"
     train(tiny_config(corpus, reference, **options), verbose=False)
 
