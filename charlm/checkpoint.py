@@ -316,6 +316,7 @@ def _another_process_saving(folder: Path) -> bool:
 
 
 def _version_in_place(folder: Path) -> tuple[int, int, int] | None:
+    """`_folder_identity`, or None while there is no checkpoint folder at all."""
     try:
         return _folder_identity(folder)
     except CheckpointError:

@@ -192,25 +192,20 @@ class LSTMLanguageModel:
 
     def _dropout_masks(self, steps: int, batch: int, rng) -> list[np.ndarray | None]:
         """One mask per masked tensor: (1, B, H) shared by all steps of the window when locked, else (T, B, H)."""
-        keep = 1.0 - self.config.dropout
         shape = (1 if self.config.locked_dropout else steps, batch, self.config.hidden_size)
-        masks = [None]
-        for _ in range(self.config.num_layers):
-            mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
-            mask *= 1.0 / keep
-            masks.append(mask)
-        return masks
+        return [None] + [self._mask(rng, shape, self.config.dropout) for _ in range(self.config.num_layers)]
 
     def _weight_drop_masks(self, rng) -> list[np.ndarray]:
         """One DropConnect mask (4H, H) per layer's W_hh, drawn after the dropout masks."""
-        keep = 1.0 - self.config.weight_drop
         shape = (4 * self.config.hidden_size, self.config.hidden_size)
-        masks = []
-        for _ in range(self.config.num_layers):
-            mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
-            mask *= 1.0 / keep
-            masks.append(mask)
-        return masks
+        return [self._mask(rng, shape, self.config.weight_drop) for _ in range(self.config.num_layers)]
+
+    def _mask(self, rng, shape: tuple[int, ...], rate: float) -> np.ndarray:
+        """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate)."""
+        keep = 1.0 - rate
+        mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
+        mask *= 1.0 / keep
+        return mask
 
     def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:
         """Each layer's W_hh as this window uses it: the parameter, or its masked copy under weight drop."""

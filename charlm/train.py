@@ -46,8 +46,8 @@ STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
 FROZEN_ON_RESUME = (
     "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
-    "weight_drop", "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size", "random_length",
-    "window_sampling", "seed",
+    "weight_drop", "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size",
+    "random_length", "window_sampling", "seed",
 )
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
