@@ -152,9 +152,10 @@ def pack_panels(matrix, panels) -> None:
     np.copyto(panels, matrix.reshape(n_panels, width, n_in).transpose(0, 2, 1))
 
 
-def panels_apply(n_out: int, dtype) -> bool:
-    """Whether a (n_out, K) matrix splits into whole tiles of panels (else the products use dot form)."""
-    return n_out % (TILE_PANELS * panel_width(dtype)) == 0
+def panels_apply(n_out: int, dtype, n_rows: int) -> bool:
+    """Whether products of n_rows rows with a (n_out, K) matrix can use whole tiles, so that packing the
+    matrix pays (else they use dot form): enough rows for one tile, and whole tiles of panels."""
+    return n_rows >= TILE_ROWS and n_out % (TILE_PANELS * panel_width(dtype)) == 0
 
 
 @intrinsic

@@ -102,7 +102,7 @@ class _Workspace:
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
-        self.w_hh_panels = self._panels(4 * hidden, hidden, dtype)
+        self.w_hh_panels = self._panels(4 * hidden, hidden, dtype, batch)
         dropout = train and config.dropout > 0.0
         # dropped[l] is the masked input of layer l (l >= 1); dropped[layers] the masked decoder input.
         self.dropped = [None] + [
@@ -114,7 +114,7 @@ class _Workspace:
                 np.zeros((4 * hidden, hidden), dtype) if config.weight_drop > 0.0 else None for _ in range(layers)
             ]
             self.w_hh_t = np.zeros((hidden, 4 * hidden), dtype)
-            self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype)
+            self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype, batch)
             self.d_h = np.zeros((batch, hidden), dtype)
             self.d_c = np.zeros((batch, hidden), dtype)
             self.d_hidden = np.zeros((steps, batch, hidden), dtype)
@@ -123,10 +123,11 @@ class _Workspace:
             self.d_decoder = np.zeros((vocab, hidden), dtype) if config.tie_weights else None
 
     @staticmethod
-    def _panels(n_out: int, n_in: int, dtype) -> np.ndarray:
-        """Room for a (n_out, n_in) matrix packed by kernels.pack_panels (empty where panels do not apply)."""
+    def _panels(n_out: int, n_in: int, dtype, batch: int) -> np.ndarray:
+        """Room for a (n_out, n_in) matrix packed by kernels.pack_panels; empty where panels do not apply,
+        e.g. for the few rows of beam search, which then skips packing W_hh at every step."""
         width = kernels.panel_width(dtype)
-        n_panels = n_out // width if kernels.panels_apply(n_out, dtype) else 0
+        n_panels = n_out // width if kernels.panels_apply(n_out, dtype, batch) else 0
         return np.zeros((n_panels, n_in, width), dtype)
 
 

@@ -88,7 +88,7 @@ def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
     expected = out.copy()
     expected[lo:hi] += x[lo:hi] @ w.T
     width = kernels.panel_width(dtype)
-    panels = np.zeros((n_out // width if kernels.panels_apply(n_out, dtype) else 0, n_in, width), dtype)
+    panels = np.zeros((n_out // width if kernels.panels_apply(n_out, dtype, len(x)) else 0, n_in, width), dtype)
     kernels.pack_panels(w, panels)
     kernels._add_row_products(x, w, panels, out, lo, hi)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
