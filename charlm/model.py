@@ -11,6 +11,7 @@ Threads split the batch rows for the time loops and the rows of every large GEMM
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numba
@@ -90,10 +91,12 @@ def _checked_params(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[
 
 
 class _Workspace:
-    """Every buffer one window shape needs, allocated once and reused by every window of that shape."""
+    """Every buffer a window of up to `steps` steps needs, allocated once and reused by every window of
+    that batch size (a shorter one uses a `prefix`)."""
 
     def __init__(self, config: ModelConfig, steps: int, batch: int, train: bool):
         dtype = np.dtype(config.dtype)
+        self.steps, self.batch, self.train = steps, batch, train
         layers, hidden, vocab = config.num_layers, config.hidden_size, config.vocab_size
         self.h = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]  # h[l][0] = h0
         self.c = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]
@@ -122,6 +125,24 @@ class _Workspace:
             self.d_table = np.zeros((vocab, 4 * hidden), dtype)
             self.d_decoder = np.zeros((vocab, hidden), dtype) if config.tie_weights else None
 
+    def prefix(self, steps: int) -> _Workspace:
+        """This workspace cut to its first `steps` time steps: views, no copies (all stay C-contiguous)."""
+        if steps == self.steps:
+            return self
+        view = copy.copy(self)
+        view.steps = steps
+        view.h = [h[:steps + 1] for h in self.h]
+        view.c = [c[:steps + 1] for c in self.c]
+        view.acts = [acts[:steps] for acts in self.acts]
+        view.tanh_c = [tanh_c[:steps] for tanh_c in self.tanh_c]
+        view.dropped = [None if dropped is None else dropped[:steps] for dropped in self.dropped]
+        view.embedded = self.embedded[:steps]
+        view.logits = self.logits[:steps * self.batch]
+        if self.train:
+            view.d_hidden = self.d_hidden[:steps]
+            view.d_embedded = self.d_embedded[:steps]
+        return view
+
     @staticmethod
     def _panels(n_out: int, n_in: int, dtype, batch: int) -> np.ndarray:
         """Room for a (n_out, n_in) matrix packed by kernels.pack_panels; empty where panels do not apply,
@@ -148,7 +169,7 @@ class LSTMLanguageModel:
         self.embedding_table = embedding_table
         self._dtype = np.dtype(config.dtype)
         self._dropout_rng = np.random.default_rng(seed)
-        self._workspaces: dict[tuple[int, int, bool], _Workspace] = {}
+        self._workspaces: dict[tuple[int, bool], _Workspace] = {}
         self._saved: dict | None = None
         self._grads: dict[str, np.ndarray] | None = None
 
@@ -169,10 +190,12 @@ class LSTMLanguageModel:
         return self.embedding_table == "always"
 
     def _workspace(self, steps: int, batch: int, train: bool) -> _Workspace:
-        key = (steps, batch, train)
-        if key not in self._workspaces:
-            self._workspaces[key] = _Workspace(self.config, steps, batch, train)
-        return self._workspaces[key]
+        """One workspace per (batch, train) as long as the longest window so far, shorter windows using its
+        prefix: random window lengths would otherwise keep ~100 MB per length seen (gigabytes)."""
+        workspace = self._workspaces.get((batch, train))
+        if workspace is None or workspace.steps < steps:
+            workspace = self._workspaces[(batch, train)] = _Workspace(self.config, steps, batch, train)
+        return workspace.prefix(steps)
 
     def _check_ids(self, ids, name: str) -> np.ndarray:
         ids = np.asarray(ids)

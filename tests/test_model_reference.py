@@ -135,6 +135,31 @@ def test_two_windows_carry_state_like_one_long_window():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_windows_of_other_lengths_reuse_one_workspace_and_match_a_fresh_model():
+    # Random window lengths (AWD-LSTM) once kept a workspace of every length seen: gigabytes.
+    config = ModelConfig(vocab_size=23, embed_dim=10, hidden_size=32, num_layers=2, dropout=0.3)
+    used = LSTMLanguageModel(config, seed=3)
+    fresh = LSTMLanguageModel(config, seed=3)
+    ids, targets, state = window(config, 12, 19, seed=6)
+    for steps in (12, 5, 9):
+        used.forward(ids[:steps], targets[:steps], state, train=True, rng=np.random.default_rng(0))
+        used.backward()
+    assert len(used._workspaces) == 1
+    short_ids, short_targets = ids[:7], targets[:7]
+    results = []
+    for model in (used, fresh):
+        loss, final_state = model.forward(short_ids, short_targets, state, train=True, rng=np.random.default_rng(1))
+        grads, state_grads = model.backward()
+        results.append((loss, [a.copy() for a in final_state], {k: g.copy() for k, g in grads.items()},
+                        [g.copy() for g in state_grads]))
+    (loss_a, state_a, grads_a, d_state_a), (loss_b, state_b, grads_b, d_state_b) = results
+    assert loss_a == loss_b
+    for a, b in zip(state_a + d_state_a, state_b + d_state_b):
+        np.testing.assert_array_equal(a, b)
+    for name in grads_a:
+        np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+
+
 def test_step_is_log_softmax_of_logits():
     config = ModelConfig(vocab_size=19, embed_dim=5, hidden_size=9, num_layers=2, dtype="float64")
     model = LSTMLanguageModel(config, seed=2)
