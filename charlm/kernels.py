@@ -2,9 +2,10 @@
 
 Conventions used by every kernel here: B = batch rows, H = hidden size, gates come in blocks of H in the
 order i, f, g, o (PyTorch's), all arrays are C-contiguous and float32 or float64 (each kernel compiles once
-per dtype and is cached on disk, so a second process starts warm). The window-wide matrix products are left
-to BLAS (numpy.matmul into preallocated buffers); these kernels are the time loops, with their small
-per-step recurrent products fused in, and the elementwise work around the large products.
+per dtype and is cached on disk, so a second process starts warm). These kernels are the time loops, with
+their small per-step recurrent products fused in, the window-wide input projections (the same register
+tiles), and the elementwise work around the large products; the weight gradients and the decoder's
+products are left to BLAS (numpy.matmul into preallocated buffers).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ _SERIAL_DECODER_WEIGHTS = 1 << 16
 # of columns each: 16 accumulators, half of the 32 vector registers of AVX-512.
 TILE_ROWS = 8
 TILE_PANELS = 2
+VECTOR_PANELS = 8
 VECTOR_BYTES = 64
+# Rows per block of a window-wide product: the block's rows of x and out stay in L2 while every panel of
+# the matrix passes through L1 for all of them.
+_PRODUCT_ROW_BLOCK = 64
 # Below this many elements an elementwise pass is not worth handing to a second thread.
 _MIN_ELEMENTWISE_CHUNK = 1 << 15
 
@@ -158,67 +163,96 @@ def panels_apply(n_out: int, dtype, n_rows: int) -> bool:
     return n_rows >= TILE_ROWS and n_out % (TILE_PANELS * panel_width(dtype)) == 0
 
 
-@intrinsic
-def _add_tile_product(typingctx, x, panels, out, row, panel):
-    """out[row : row + TILE_ROWS, panel * L : (panel + TILE_PANELS) * L] += the product of those rows of
-    x (B, K) with panels[panel : panel + TILE_PANELS] (see `pack_panels`), all C-contiguous.
+def _tile_product(tile_rows: int, tile_panels: int, interleaved: bool = False):
+    """An intrinsic add_tile_product(x, panels, out, row, panel) for tiles of tile_rows × tile_panels.
 
-    A register-blocked GEMM micro-kernel written as LLVM vector IR: TILE_ROWS × TILE_PANELS accumulators
-    stay in vector registers for the whole k loop, and each k costs TILE_PANELS vector loads and TILE_ROWS
-    broadcasts for TILE_ROWS × TILE_PANELS fused multiply-adds. (Numba's own loops vectorise such a
-    product only as dot products, each ending in a horizontal sum: costly when K is only 256.)"""
-    arrays = (x, panels, out)
-    if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == x.dtype for a in arrays) or \
-            (x.ndim, panels.ndim, out.ndim) != (2, 3, 2) or x.dtype not in (types.float32, types.float64):
-        return None
+    interleaved: panels is (J / (tile_panels * L), K, tile_panels * L), the tile's panels side by side at
+    each k (see `pack_vector_panels`), and `panel` counts tiles of panels; the k loop then reads one stream."""
 
-    def codegen(context, builder, signature, args):
-        x_arr, panel_arr, out_arr = (context.make_array(ty)(context, builder, value)
-                                     for ty, value in zip(signature.args[:3], args[:3]))
-        row, panel = args[3], args[4]
-        intp = context.get_value_type(types.intp)
-        width = panel_width(np.float32 if x.dtype == types.float32 else np.float64)
-        vector = ir.VectorType(context.get_value_type(x.dtype), width)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{width}f{x.dtype.bitwidth}")
-        n_in = cgutils.unpack_tuple(builder, x_arr.shape, 2)[1]
-        n_out = cgutils.unpack_tuple(builder, out_arr.shape, 2)[1]
+    @intrinsic
+    def add_tile_product(typingctx, x, panels, out, row, panel):
+        """out[row : row + tile_rows, panel * L : (panel + tile_panels) * L] += the product of those rows of
+        x (B, K) with panels[panel : panel + tile_panels] (see `pack_panels`), all C-contiguous.
 
-        def const(value):
-            return ir.Constant(intp, value)
+        A register-blocked GEMM micro-kernel written as LLVM vector IR: tile_rows × tile_panels accumulators
+        stay in vector registers for the whole k loop, and each k costs tile_panels vector loads and tile_rows
+        broadcasts for tile_rows × tile_panels fused multiply-adds. (Numba's own loops vectorise such a
+        product only as dot products, each ending in a horizontal sum: costly when K is only 256.)"""
+        arrays = (x, panels, out)
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == x.dtype for a in arrays) or \
+                (x.ndim, panels.ndim, out.ndim) != (2, 3, 2) or x.dtype not in (types.float32, types.float64):
+            return None
 
-        x_rows = [builder.gep(x_arr.data, [builder.mul(builder.add(row, const(r)), n_in)])
-                  for r in range(TILE_ROWS)]
-        panel_size = builder.mul(n_in, const(width))
-        panel_starts = [builder.gep(panel_arr.data, [builder.mul(builder.add(panel, const(q)), panel_size)])
-                        for q in range(TILE_PANELS)]
-        zero = ir.Constant(vector, [0.0] * width)
-        accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE_PANELS)]
-                        for _ in range(TILE_ROWS)]
-        undefined = ir.Constant(vector, ir.Undefined)
-        lane0 = ir.Constant(ir.IntType(32), 0)
-        broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-        with cgutils.for_range(builder, n_in) as loop:
-            offset = builder.mul(loop.index, const(width))
-            columns = [builder.load(builder.bitcast(builder.gep(start, [offset]), vector.as_pointer()), align=4)
-                       for start in panel_starts]
-            for r in range(TILE_ROWS):
-                value = builder.insert_element(undefined, builder.load(builder.gep(x_rows[r], [loop.index])), lane0)
-                value = builder.shuffle_vector(value, undefined, broadcast_mask)
-                for q in range(TILE_PANELS):
-                    acc = accumulators[r][q]
-                    builder.store(builder.call(fma, [value, columns[q], builder.load(acc)]), acc)
-        first_column = builder.mul(panel, const(width))
-        for r in range(TILE_ROWS):
-            out_row = builder.gep(out_arr.data, [builder.add(builder.mul(builder.add(row, const(r)), n_out),
-                                                             first_column)])
-            for q in range(TILE_PANELS):
-                target = builder.bitcast(builder.gep(out_row, [const(q * width)]), vector.as_pointer())
-                total = builder.fadd(builder.load(target, align=4), builder.load(accumulators[r][q]))
-                builder.store(total, target, align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            x_arr, panel_arr, out_arr = (context.make_array(ty)(context, builder, value)
+                                         for ty, value in zip(signature.args[:3], args[:3]))
+            row, panel = args[3], args[4]
+            intp = context.get_value_type(types.intp)
+            width = panel_width(np.float32 if x.dtype == types.float32 else np.float64)
+            vector = ir.VectorType(context.get_value_type(x.dtype), width)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{width}f{x.dtype.bitwidth}")
+            n_in = cgutils.unpack_tuple(builder, x_arr.shape, 2)[1]
+            n_out = cgutils.unpack_tuple(builder, out_arr.shape, 2)[1]
 
-    return types.void(x, panels, out, types.intp, types.intp), codegen
+            def const(value):
+                return ir.Constant(intp, value)
+
+            x_rows = [builder.gep(x_arr.data, [builder.mul(builder.add(row, const(r)), n_in)])
+                      for r in range(tile_rows)]
+            if interleaved:
+                step = tile_panels * width
+                tile_start = builder.gep(panel_arr.data, [builder.mul(panel, builder.mul(n_in, const(step)))])
+                panel_starts = [builder.gep(tile_start, [const(q * width)]) for q in range(tile_panels)]
+            else:
+                step = width
+                panel_size = builder.mul(n_in, const(width))
+                panel_starts = [builder.gep(panel_arr.data, [builder.mul(builder.add(panel, const(q)), panel_size)])
+                                for q in range(tile_panels)]
+            zero = ir.Constant(vector, [0.0] * width)
+            accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(tile_panels)]
+                            for _ in range(tile_rows)]
+            undefined = ir.Constant(vector, ir.Undefined)
+            lane0 = ir.Constant(ir.IntType(32), 0)
+            broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+            with cgutils.for_range(builder, n_in) as loop:
+                offset = builder.mul(loop.index, const(step))
+                columns = [builder.load(builder.bitcast(builder.gep(start, [offset]), vector.as_pointer()), align=4)
+                           for start in panel_starts]
+                for r in range(tile_rows):
+                    value = builder.insert_element(undefined, builder.load(builder.gep(x_rows[r], [loop.index])), lane0)
+                    value = builder.shuffle_vector(value, undefined, broadcast_mask)
+                    for q in range(tile_panels):
+                        acc = accumulators[r][q]
+                        builder.store(builder.call(fma, [value, columns[q], builder.load(acc)]), acc)
+            first_column = builder.mul(panel, const(tile_panels * width if interleaved else width))
+            for r in range(tile_rows):
+                out_row = builder.gep(out_arr.data, [builder.add(builder.mul(builder.add(row, const(r)), n_out),
+                                                                 first_column)])
+                for q in range(tile_panels):
+                    target = builder.bitcast(builder.gep(out_row, [const(q * width)]), vector.as_pointer())
+                    total = builder.fadd(builder.load(target, align=4), builder.load(accumulators[r][q]))
+                    builder.store(total, target, align=4)
+            return context.get_dummy_value()
+
+        return types.void(x, panels, out, types.intp, types.intp), codegen
+
+    return add_tile_product
+
+
+_add_tile_product = _tile_product(TILE_ROWS, TILE_PANELS)
+# Batch 1 (generation): one row against VECTOR_PANELS panels, i.e. that many independent accumulators and
+# no horizontal sums; the matrix streams from cache once per token.
+_add_vector_product = _tile_product(1, VECTOR_PANELS, interleaved=True)
+
+
+def pack_vector_panels(matrix, panels) -> None:
+    """Copy the first rows of matrix (J, K) into panels (N, K, W), W = VECTOR_PANELS vectors:
+    panels[n, k, w] = matrix[n * W + w, k]. At batch 1 each k then reads one contiguous stretch of W
+    weights: a single stream for the prefetcher, where separate panels would be VECTOR_PANELS streams."""
+    n_blocks, n_in, width = panels.shape
+    if n_blocks:
+        np.copyto(panels, matrix[:n_blocks * width].reshape(n_blocks, width, n_in).transpose(0, 2, 1))
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -238,26 +272,34 @@ def _add_row_products(x, w, panels, out, lo, hi):
             out[b, j] += _dot(w[j], x[b])
 
 
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def project_rows(x, w, panels, bias, out, lo, hi):
+    """out[b] = bias + w @ x[b] for the rows b in [lo, hi) of a window-wide product (x: (N, K), w: (J, K),
+    panels: w packed, see `_add_row_products`), a block of rows at a time."""
+    for start in range(lo, hi, _PRODUCT_ROW_BLOCK):
+        stop = min(start + _PRODUCT_ROW_BLOCK, hi)
+        for b in range(start, stop):
+            out[b, :] = bias
+        _add_row_products(x, w, panels, out, start, stop)
+
+
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, c, tanh_c, lo, hi):
     """One layer's whole time loop over a window, for the batch rows [lo, hi) (a thread's share).
 
-    acts: (T, B, 4H) holds the input projections x_t @ W_ihᵀ on entry, or with `use_table` they are the
-    rows ids (T, B) of table (V, 4H); on exit the activations [i, f, g, o] kept for backward. Per step:
-    pre-activations = projection + bias + h_{t-1} @ W_hhᵀ (w_hh_panels: W_hh packed, see
+    acts: (T, B, 4H) holds the input projections x_t @ W_ihᵀ + bias on entry, or with `use_table` they are
+    the rows ids (T, B) of table (V, 4H) plus bias; on exit the activations [i, f, g, o] kept for backward.
+    Per step: pre-activations = projection + h_{t-1} @ W_hhᵀ (w_hh_panels: W_hh packed, see
     `_add_row_products`), then the gate nonlinearities and the cell update. h, c: (T+1, B, H) with the
     initial state in h[0], c[0]; tanh_c: (T, B, H)."""
     steps, four_h = acts.shape[0], acts.shape[2]
     for t in range(steps):
-        for b in range(lo, hi):
-            row = acts[t, b]
-            if use_table:
+        if use_table:
+            for b in range(lo, hi):
+                row = acts[t, b]
                 proj = table[ids[t, b]]
                 for j in range(four_h):
                     row[j] = proj[j] + bias[j]
-            else:
-                for j in range(four_h):
-                    row[j] += bias[j]
         _add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi)
         for b in range(lo, hi):
             _activate_gates(acts[t, b])
@@ -435,47 +477,78 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     return last
 
 
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _add_matvec_block(x, w, panels, out, start, stop):
+    """out[0, j] += w[j] · x[0] for j in [start, stop), one block of VECTOR_PANELS panels (or the last, shorter
+    block): through `panels` (w's whole blocks packed, see `pack_vector_panels`) when they hold the block,
+    else as dot products. x: (1, K), out: (1, J)."""
+    block = panels.shape[2]
+    if stop <= panels.shape[0] * block and stop - start == block:
+        _add_vector_product(x, panels, out, 0, start // block)
+    else:
+        row, sums = x[0], out[0]
+        for j in range(start, stop):
+            sums[j] += _dot(w[j], row)
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model=ERROR_MODEL)
-def generate_step(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b,
-                  temperature, top_k, top_p, uniform, gates, tanh_c, logits, probs):
-    """Batch-1 streaming step: feed `token` through all layers, the decoder and the sampler; return the next token.
+def generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels, block,
+                    temperature, top_k, top_p, uniforms, tokens, gates, tanh_c, logits, probs):
+    """Batch-1 streaming generation of len(uniforms) tokens after `token`, written to `tokens`: each step
+    feeds the last token through all layers, the decoder and the sampler (one uniform number each).
 
     h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
     or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
-    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). Workspaces: gates (L, 4H), tanh_c (H,),
-    logits (V,), probs (V,) float64. Sampling as in `_sample`. At batch 1 the matrix-vector products are
-    memory-bound, so the threads split their rows. Every parallel region is a meeting of the threads, so
-    there are as few as the data flow allows: one for all that the old state determines (every layer's
-    h_prev @ W_hhᵀ and layer 0's input), one per further layer, and one for a large decoder.
+    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). panels: (w_ih, w_hh, decoder) packed for
+    `_add_matvec_block`, whose blocks are `block` outputs wide. Workspaces: gates (L, 4H), tanh_c (H,),
+    logits (1, V), probs (V,) float64. Sampling as in `_sample`.
+
+    At batch 1 the matrix-vector products stream every weight from cache once per token, so the threads
+    split their blocks. Every parallel region is a meeting of the threads, so there are as few as the data
+    flow allows: one for all that the old state determines (every layer's h_prev @ W_hhᵀ and layer 0's
+    input), one per further layer, and one for a large decoder. Several tokens per call, because calling a
+    compiled function with this many arguments costs a sizeable part of a small model's step.
     """
+    w_ih_panels, w_hh_panels, dec_panels = panels
     n_layers, hidden = h.shape
     four_h = 4 * hidden
+    blocks = (four_h + block - 1) // block
     use_table = table0.shape[0] > 0
-    embedded = embedding[token]
-    for j in prange(n_layers * four_h):
-        layer = j // four_h
-        row = j - layer * four_h
-        pre = bias[layer][row] + _dot(w_hh[layer][row], h[layer])
-        if layer == 0:
-            pre += table0[token, row] if use_table else _dot(w_ih[0][row], embedded)
-        gates[layer, row] = pre
-    for layer in range(n_layers):
-        if layer > 0:
-            below = h[layer - 1]
-            w_in, layer_gates = w_ih[layer], gates[layer]
-            for row in prange(four_h):
-                layer_gates[row] += _dot(w_in[row], below)
-        _activate_gates(gates[layer])
-        _cell_update(gates[layer], c[layer], c[layer], h[layer], tanh_c)
-    top = h[n_layers - 1]
     vocab = dec_w.shape[0]
-    if vocab * hidden <= _SERIAL_DECODER_WEIGHTS:
-        for v in range(vocab):
-            logits[v] = dec_b[v] + _dot(dec_w[v], top)
-    else:
-        for v in prange(vocab):
-            logits[v] = dec_b[v] + _dot(dec_w[v], top)
-    return _sample(logits, temperature, top_k, top_p, uniform, probs)
+    vocab_blocks = (vocab + block - 1) // block
+    top = h[n_layers - 1:]
+    for i in range(uniforms.shape[0]):
+        for job in prange(n_layers * blocks):
+            layer = job // blocks
+            start = (job - layer * blocks) * block
+            stop = min(start + block, four_h)
+            layer_gates = gates[layer:layer + 1]
+            for j in range(start, stop):
+                layer_gates[0, j] = bias[layer][j]
+            if layer == 0:
+                if use_table:
+                    for j in range(start, stop):
+                        layer_gates[0, j] += table0[token, j]
+                else:
+                    _add_matvec_block(embedding[token:token + 1], w_ih[0], w_ih_panels[0], layer_gates, start, stop)
+            _add_matvec_block(h[layer:layer + 1], w_hh[layer], w_hh_panels[layer], layer_gates, start, stop)
+        for layer in range(n_layers):
+            if layer > 0:
+                for job in prange(blocks):
+                    start = job * block
+                    _add_matvec_block(h[layer - 1:layer], w_ih[layer], w_ih_panels[layer], gates[layer:layer + 1],
+                                      start, min(start + block, four_h))
+            _activate_gates(gates[layer])
+            _cell_update(gates[layer], c[layer], c[layer], h[layer], tanh_c)
+        logits[0, :] = dec_b
+        if vocab * hidden <= _SERIAL_DECODER_WEIGHTS:
+            for job in range(vocab_blocks):
+                _add_matvec_block(top, dec_w, dec_panels, logits, job * block, min(job * block + block, vocab))
+        else:
+            for job in prange(vocab_blocks):
+                _add_matvec_block(top, dec_w, dec_panels, logits, job * block, min(job * block + block, vocab))
+        token = _sample(logits[0], temperature, top_k, top_p, uniforms[i], probs)
+        tokens[i] = token
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)

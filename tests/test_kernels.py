@@ -95,6 +95,24 @@ def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_window_projection_matches_numpy_across_row_blocks(dtype):
+    # 150 rows from row 5: two whole blocks of rows, a partial one, and leftover rows after the last tile.
+    rng = np.random.default_rng(11)
+    n_rows, n_out, n_in, lo, hi = 160, 64, 24, 5, 155
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    x = rng.standard_normal((n_rows, n_in)).astype(dtype)
+    bias = rng.standard_normal(n_out).astype(dtype)
+    out = rng.standard_normal((n_rows, n_out)).astype(dtype)
+    expected = out.copy()
+    expected[lo:hi] = x[lo:hi] @ w.T + bias
+    panels = np.zeros((n_out // kernels.panel_width(dtype), n_in, kernels.panel_width(dtype)), dtype)
+    kernels.pack_panels(w, panels)
+    kernels.project_rows(x, w, panels, bias, out, lo, hi)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_embedding_forward_and_backward_with_repeated_ids():
     rng = np.random.default_rng(2)
     table = rng.normal(size=(5, 130))
@@ -110,11 +128,13 @@ def test_embedding_forward_and_backward_with_repeated_ids():
     np.testing.assert_allclose(d_table, expected, rtol=1e-13)
 
 
-@pytest.fixture(scope="module", params=["small_vocab", "table", "parallel_decoder_three_layers"])
+@pytest.fixture(scope="module", params=["small_vocab", "table", "parallel_decoder_three_layers", "float32_blocks"])
 def model(request):
     if request.param == "parallel_decoder_three_layers":  # decoder above kernels._SERIAL_DECODER_WEIGHTS
         config = ModelConfig(vocab_size=300, embed_dim=6, hidden_size=240, num_layers=3, dtype="float64")
         assert config.vocab_size * config.hidden_size > kernels._SERIAL_DECODER_WEIGHTS
+    elif request.param == "float32_blocks":  # whole blocks of panels (and the decoder's leftover rows)
+        config = ModelConfig(vocab_size=300, embed_dim=6, hidden_size=64, num_layers=2)
     else:
         config = ModelConfig(vocab_size=13, embed_dim=6, hidden_size=10, num_layers=2, dtype="float64")
     model = LSTMLanguageModel(config, seed=8)
@@ -202,3 +222,14 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
         runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
     assert runs[0] == runs[1]
     assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
+
+
+def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch):
+    config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
+    model = LSTMLanguageModel(config, seed=4)
+    runs = []
+    for chunk in (1, 7, 64):
+        monkeypatch.setattr(charlm.model, "GENERATION_CHUNK", chunk)
+        runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 30
