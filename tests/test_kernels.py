@@ -113,6 +113,24 @@ def test_window_projection_matches_numpy_across_row_blocks(dtype):
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_one_blocks_match_numpy(dtype):
+    # Two whole blocks of packed rows, then a shorter last block that falls back to dot products.
+    rng = np.random.default_rng(12)
+    block = kernels.VECTOR_PANELS * kernels.panel_width(dtype)
+    n_out, n_in = 2 * block + 5, 19
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    x = rng.standard_normal((1, n_in)).astype(dtype)
+    out = rng.standard_normal((1, n_out)).astype(dtype)
+    expected = out + x @ w.T
+    panels = np.zeros((n_out // block, n_in, block), dtype)
+    kernels.pack_vector_panels(w, panels)
+    for start in range(0, n_out, block):
+        kernels._add_matvec_block(x, w, panels, out, start, min(start + block, n_out))
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_embedding_forward_and_backward_with_repeated_ids():
     rng = np.random.default_rng(2)
     table = rng.normal(size=(5, 130))
