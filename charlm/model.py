@@ -465,6 +465,7 @@ class LSTMLanguageModel:
         weights = self._generation_weights(max_new_tokens)
         hidden, vocab = self.config.hidden_size, self.config.vocab_size
         gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
+        c_next = np.empty(hidden, self._dtype)
         tanh_c = np.empty(hidden, self._dtype)
         logits = np.empty((1, vocab), self._dtype)
         probs = np.empty(vocab, np.float64)
@@ -483,7 +484,7 @@ class LSTMLanguageModel:
             numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
             try:
                 kernels.generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
-                                        gates, tanh_c, logits, probs)
+                                        gates, c_next, tanh_c, logits, probs)
             finally:
                 numba.set_num_threads(caller_threads)
             token = int(tokens[count - 1])
