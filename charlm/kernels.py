@@ -29,6 +29,7 @@ _SERIAL_DECODER_WEIGHTS = 1 << 16
 # of columns each: 16 accumulators, half of the 32 vector registers of AVX-512.
 TILE_ROWS = 8
 TILE_PANELS = 2
+# Batch-1 products (generation): one row against this many panels, i.e. blocks of 128 float32 outputs.
 VECTOR_PANELS = 8
 VECTOR_BYTES = 64
 # Rows per block of a window-wide product: the block's rows of x and out stay in L2 while every panel of
