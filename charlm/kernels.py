@@ -150,8 +150,8 @@ def panel_width(dtype) -> int:
 
 def pack_panels(matrix, panels) -> None:
     """Copy matrix (J, K) into panels (J / L, K, L): panels[p, k, l] = matrix[p * L + l, k], so that the
-    L outputs of one panel at one k are one vector load. An empty `panels` (where `panels_apply` is
-    false) is left as it is."""
+    L outputs of one panel at one k are one vector load (or, L = VECTOR_PANELS vectors wide, one contiguous
+    stretch for batch 1). An empty `panels` (where `panels_apply` is false) is left as it is."""
     n_panels, n_in, width = panels.shape
     if n_panels == 0:
         return
@@ -168,7 +168,8 @@ def _tile_product(tile_rows: int, tile_panels: int, interleaved: bool = False):
     """An intrinsic add_tile_product(x, panels, out, row, panel) for tiles of tile_rows × tile_panels.
 
     interleaved: panels is (J / (tile_panels * L), K, tile_panels * L), the tile's panels side by side at
-    each k (see `pack_vector_panels`), and `panel` counts tiles of panels; the k loop then reads one stream."""
+    each k (`pack_panels` with panels that wide), and `panel` counts tiles of panels; the k loop then reads
+    one contiguous stream, where separate panels would be tile_panels streams for the prefetcher."""
 
     @intrinsic
     def add_tile_product(typingctx, x, panels, out, row, panel):
@@ -246,14 +247,6 @@ _add_tile_product = _tile_product(TILE_ROWS, TILE_PANELS)
 # no horizontal sums; the matrix streams from cache once per token.
 _add_vector_product = _tile_product(1, VECTOR_PANELS, interleaved=True)
 
-
-def pack_vector_panels(matrix, panels) -> None:
-    """Copy the first rows of matrix (J, K) into panels (N, K, W), W = VECTOR_PANELS vectors:
-    panels[n, k, w] = matrix[n * W + w, k]. At batch 1 each k then reads one contiguous stretch of W
-    weights: a single stream for the prefetcher, where separate panels would be VECTOR_PANELS streams."""
-    n_blocks, n_in, width = panels.shape
-    if n_blocks:
-        np.copyto(panels, matrix[:n_blocks * width].reshape(n_blocks, width, n_in).transpose(0, 2, 1))
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -483,8 +476,8 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _add_matvec_block(x, w, panels, out, start, stop):
     """out[0, j] += w[j] · x[0] for j in [start, stop), one block of VECTOR_PANELS panels (or the last, shorter
-    block): through `panels` (w's whole blocks packed, see `pack_vector_panels`) when they hold the block,
-    else as dot products. x: (1, K), out: (1, J)."""
+    block): through `panels` (w's whole blocks packed by `pack_panels` into (N, K, block)) when they hold the
+    block, else as dot products. x: (1, K), out: (1, J)."""
     block = panels.shape[2]
     if stop <= panels.shape[0] * block and stop - start == block:
         _add_vector_product(x, panels, out, 0, start // block)
@@ -495,7 +488,7 @@ def _add_matvec_block(x, w, panels, out, start, stop):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model=ERROR_MODEL)
-def generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels, block,
+def generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels,
                     temperature, top_k, top_p, uniforms, tokens, gates, c_next, tanh_c, logits, probs):
     """Batch-1 streaming generation of len(uniforms) tokens after `token`, written to `tokens`: each step
     feeds the last token through all layers, the decoder and the sampler (one uniform number each).
@@ -503,7 +496,7 @@ def generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec
     h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
     or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
     ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). panels: (w_ih, w_hh, decoder) packed for
-    `_add_matvec_block`, whose blocks are `block` outputs wide. Workspaces: gates (L, 4H), c_next and
+    `_add_matvec_block` (N, K, block): blocks of `block` outputs. Workspaces: gates (L, 4H), c_next and
     tanh_c (H,), logits (1, V), probs (V,) float64. Sampling as in `_sample`.
 
     At batch 1 the matrix-vector products stream every weight from cache once per token, so the threads
@@ -513,6 +506,7 @@ def generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec
     function with this many arguments costs ~4 µs, 8 % of a char-256 step.
     """
     w_ih_panels, w_hh_panels, dec_panels = panels
+    block = dec_panels.shape[2]
     n_layers, hidden = h.shape
     four_h = 4 * hidden
     blocks = (four_h + block - 1) // block

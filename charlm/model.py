@@ -513,14 +513,15 @@ class LSTMLanguageModel:
             tuple(self._vector_panels(w) for w in w_hh),
             self._vector_panels(self._decoder_weight),
         )
-        block = kernels.VECTOR_PANELS * kernels.panel_width(self._dtype)
         return (params["embedding"], table, w_ih, w_hh, tuple(params[f"lstm.{layer}.bias"] for layer in layers),
-                self._decoder_weight, params["decoder.bias"], panels, block)
+                self._decoder_weight, params["decoder.bias"], panels)
 
     def _vector_panels(self, matrix: np.ndarray, needed: bool = True) -> np.ndarray:
-        """The whole blocks of `matrix`'s rows packed for batch-1 products (kernels.generate_tokens); the rows
-        after them stay dot products."""
+        """The whole blocks of `matrix`'s rows packed for batch-1 products (kernels.generate_tokens): panels
+        VECTOR_PANELS vectors wide, so each k reads one contiguous stretch; the rows after them stay dot
+        products."""
         block = kernels.VECTOR_PANELS * kernels.panel_width(self._dtype)
-        panels = np.empty((matrix.shape[0] // block if needed else 0, matrix.shape[1], block), self._dtype)
-        kernels.pack_vector_panels(matrix, panels)
+        n_blocks = matrix.shape[0] // block if needed else 0
+        panels = np.empty((n_blocks, matrix.shape[1], block), self._dtype)
+        kernels.pack_panels(matrix[:n_blocks * block], panels)
         return panels
