@@ -475,6 +475,7 @@ class LSTMLanguageModel:
         caller_threads = numba.get_num_threads()
         small = self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES
         threads = 1 if small or others_keep_cores_busy() else caller_threads
+        generate_tokens = kernels.generate_tokens if threads > 1 else kernels.generate_tokens_serial
         done = 0
         while done < max_new_tokens:
             # The first token alone, so it streams out as soon as the prompt is read.
@@ -483,7 +484,7 @@ class LSTMLanguageModel:
             uniforms = rng.random(count)  # the same numbers as `count` single draws: chunking never changes text
             numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
             try:
-                kernels.generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
+                generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
                                         gates, c_next, tanh_c, logits, probs)
             finally:
                 numba.set_num_threads(caller_threads)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -234,11 +235,27 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
     model = LSTMLanguageModel(config, seed=2)
     monkeypatch.setattr(charlm.model, "SERIAL_GENERATION_BYTES", 0)
+    builds_used = []
+
+    def spy(build):
+        compiled = getattr(kernels, build)
+
+        def call(*args):
+            builds_used.append(build)
+            compiled(*args)
+
+        monkeypatch.setattr(kernels, build, call)
+
+    spy("generate_tokens")
+    spy("generate_tokens_serial")
     runs = []
     for busy in (True, False):
         monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda busy=busy: busy)
         runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
     assert runs[0] == runs[1]
+    assert builds_used[0] == "generate_tokens_serial"  # busy: one thread, the build without prange
+    if numba.get_num_threads() > 1:
+        assert builds_used[-1] == "generate_tokens"
     assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
 
 
