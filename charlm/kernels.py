@@ -490,7 +490,7 @@ def _add_matvec_block(x, w, panels, out, start, stop):
 
 
 def _generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels,
-                    temperature, top_k, top_p, uniforms, tokens, gates, c_next, tanh_c, logits, probs):
+                     temperature, top_k, top_p, uniforms, tokens, gates, c_next, tanh_c, logits, probs):
     """Batch-1 streaming generation of len(uniforms) tokens after `token`, written to `tokens`: each step
     feeds the last token through all layers, the decoder and the sampler (one uniform number each).
 

@@ -485,7 +485,7 @@ class LSTMLanguageModel:
             numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
             try:
                 generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
-                                        gates, c_next, tanh_c, logits, probs)
+                                gates, c_next, tanh_c, logits, probs)
             finally:
                 numba.set_num_threads(caller_threads)
             token = int(tokens[count - 1])
