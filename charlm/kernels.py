@@ -596,6 +596,38 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
                     min_chunk=_MIN_ELEMENTWISE_CHUNK)
 
 
+# splitmix64 (Steele, Lea & Flood 2014): a counter hashed by these steps is a well-tested random stream, and
+# each element of a mask depends only on (key, index), so threads can fill any slice independently.
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_MUL2 = np.uint64(0x94D049BB133111EB)
+_MASK_BITS = 24  # keep probability resolution 2**-24; float32 keeps 24 bits of it anyway
+
+
+@njit(cache=True, nogil=True)
+def _dropout_mask_kernel(flat, key, threshold, scale, lo, hi):
+    shift30, shift27, shift31 = np.uint64(30), np.uint64(27), np.uint64(31)
+    shift_bits = np.uint64(64 - _MASK_BITS)
+    zero = flat.dtype.type(0.0)
+    for n in range(lo, hi):
+        z = key + np.uint64(n + 1) * _SPLITMIX_GAMMA
+        z = (z ^ (z >> shift30)) * _SPLITMIX_MUL1
+        z = (z ^ (z >> shift27)) * _SPLITMIX_MUL2
+        z = z ^ (z >> shift31)
+        flat[n] = scale if (z >> shift_bits) < threshold else zero
+
+
+def dropout_mask(out, key: int, keep: float) -> None:
+    """Fill out (any shape, C-contiguous) with an inverted-dropout mask: 1 / keep with probability keep, else 0,
+    each element drawn by hashing (key, its index). About 1 ns per element per thread, where numpy's
+    random + compare + scale took ~3.5: per-step masks of a 2x512 char model are ~6 M elements a window."""
+    flat = out.reshape(-1)
+    threshold = np.uint64(round(keep * (1 << _MASK_BITS)))
+    scale = out.dtype.type(1.0 / keep)
+    parallel_chunks(flat.size, lambda lo, hi: _dropout_mask_kernel(flat, np.uint64(key), threshold, scale, lo, hi),
+                    min_chunk=_MIN_ELEMENTWISE_CHUNK)
+
+
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _sum_of_squares_kernel(flat):
     total = 0.0

@@ -234,10 +234,9 @@ class LSTMLanguageModel:
         return [self._mask(rng, shape, self.config.weight_drop) for _ in range(self.config.num_layers)]
 
     def _mask(self, rng, shape: tuple[int, ...], rate: float) -> np.ndarray:
-        """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate)."""
-        keep = 1.0 - rate
-        mask = (rng.random(shape, dtype=np.float32) < keep).astype(self._dtype)
-        mask *= 1.0 / keep
+        """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate); rng draws only its key."""
+        mask = np.empty(shape, self._dtype)
+        kernels.dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate)
         return mask
 
     def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:

@@ -268,3 +268,32 @@ def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch
         runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
     assert runs[0] == runs[1] == runs[2]
     assert len(runs[0]) == 30
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.8])
+def test_dropout_masks_keep_each_element_independently_with_the_given_probability(keep):
+    n = 1 << 20
+    mask = np.empty(n, np.float32)
+    kernels.dropout_mask(mask, key=7, keep=keep)
+    assert set(np.unique(mask)) == {0.0, np.float32(1.0 / keep)}
+    kept = mask > 0
+    sigma = np.sqrt(keep * (1 - keep) / n)
+    assert abs(kept.mean() - keep) < 5 * sigma
+    both = (kept[:-1] & kept[1:]).mean()  # neighbours, as the hash sees consecutive counters
+    assert abs(both - keep * keep) < 5 * np.sqrt(keep * keep * (1 - keep * keep) / n)
+    other = np.empty(n, np.float32)
+    kernels.dropout_mask(other, key=8, keep=keep)
+    assert abs(((other > 0) & kept).mean() - keep * keep) < 5 * np.sqrt(keep * keep / n)
+
+
+def test_dropout_masks_depend_on_key_and_index_only():
+    mask = np.empty((64, 8, 100), np.float64)
+    kernels.dropout_mask(mask, key=2**64 - 1, keep=0.7)
+    again = np.empty_like(mask)
+    kernels.dropout_mask(again, key=2**64 - 1, keep=0.7)
+    np.testing.assert_array_equal(mask, again)
+    pieces = np.empty(mask.size, np.float64)  # filled in uneven slices, as threads would
+    threshold = np.uint64(round(0.7 * (1 << kernels._MASK_BITS)))
+    for lo, hi in ((0, 1), (1, 5000), (5000, mask.size)):
+        kernels._dropout_mask_kernel(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, lo, hi)
+    np.testing.assert_array_equal(pieces, mask.reshape(-1))
