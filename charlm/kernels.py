@@ -250,7 +250,6 @@ _add_tile_product = _tile_product(TILE_ROWS, TILE_PANELS)
 _add_vector_product = _tile_product(1, VECTOR_PANELS, interleaved=True)
 
 
-
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _add_row_products(x, w, panels, out, lo, hi):
     """out[b] += w @ x[b] for the rows b in [lo, hi): x: (B, K), w: (J, K); panels: w packed by

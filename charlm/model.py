@@ -31,9 +31,9 @@ EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # (30 MB) 1.06 vs 0.69. Larger models use the threads only on an otherwise idle machine (under load a
 # meeting waits for a descheduled thread).
 SERIAL_GENERATION_BYTES = 16 << 20
-# Tokens sampled per compiled call after the first: the call's own cost (~4 us: 21 arguments to type-check,
-# the thread count set and restored; 8 % of a char-256 token) is then paid once per chunk, and a chunk of a
-# large model still arrives within a blink (16 x ~0.5 ms on bpe-512).
+# Tokens sampled per compiled call after the first: the call's own cost (~4 us with 21 arguments to
+# type-check; 8 % of a char-256 token) is then paid once per chunk, and a chunk of a large model still
+# arrives within a blink (16 x ~0.5 ms on bpe-512).
 GENERATION_CHUNK = 16
 
 
@@ -471,22 +471,17 @@ class LSTMLanguageModel:
         tokens = np.empty(GENERATION_CHUNK, np.int64)
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
-        caller_threads = numba.get_num_threads()
-        small = self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES
-        threads = 1 if small or others_keep_cores_busy() else caller_threads
-        generate_tokens = kernels.generate_tokens if threads > 1 else kernels.generate_tokens_serial
+        one_thread = (numba.get_num_threads() == 1 or self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES
+                      or others_keep_cores_busy())
+        generate_tokens = kernels.generate_tokens_serial if one_thread else kernels.generate_tokens
         done = 0
         while done < max_new_tokens:
             # The first token alone, so it streams out as soon as the prompt is read.
             count = min(GENERATION_CHUNK if done else 1, max_new_tokens - done)
             done += count
             uniforms = rng.random(count)  # the same numbers as `count` single draws: chunking never changes text
-            numba.set_num_threads(threads)  # per call: the caller's own code runs between the yields
-            try:
-                generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
-                                gates, c_next, tanh_c, logits, probs)
-            finally:
-                numba.set_num_threads(caller_threads)
+            generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
+                            gates, c_next, tanh_c, logits, probs)
             token = int(tokens[count - 1])
             yield from tokens[:count].tolist()
 
