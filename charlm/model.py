@@ -121,11 +121,17 @@ class _Workspace:
         ]
         if train:
             self.ones = np.ones((1, batch, hidden), dtype)
-            self.w_hh_dropped = [
-                np.zeros((4 * hidden, hidden), dtype) if config.weight_drop > 0.0 else None for _ in range(layers)
-            ]
-            self.w_hh_t = np.zeros((hidden, 4 * hidden), dtype)
+            # masks[l] multiplies the input of layer l (l >= 1), masks[layers] the decoder input: one (1, B, H)
+            # mask for all steps when locked, else one per step.
+            mask_shape = (1 if config.locked_dropout else steps, batch, hidden)
+            self.masks = [None] + [np.zeros(mask_shape, dtype) if dropout else None for _ in range(layers)]
+            weight_drop = config.weight_drop > 0.0
+            self.w_hh_masks = [np.zeros((4 * hidden, hidden), dtype) if weight_drop else None for _ in range(layers)]
+            self.w_hh_dropped = [np.zeros((4 * hidden, hidden), dtype) if weight_drop else None for _ in range(layers)]
+            # Backward's recurrent products read W_hhᵀ packed straight from W_hh, or (without panels: a few
+            # rows) as a contiguous copy; the other is empty.
             self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype, batch)
+            self.w_hh_t = np.zeros((0 if self.w_hh_t_panels.shape[0] else hidden, 4 * hidden), dtype)
             self.d_h = np.zeros((batch, hidden), dtype)
             self.d_c = np.zeros((batch, hidden), dtype)
             self.d_hidden = np.zeros((steps, batch, hidden), dtype)
@@ -147,6 +153,7 @@ class _Workspace:
         view.embedded = self.embedded[:steps]
         view.logits = self.logits[:steps * self.batch]
         if self.train:
+            view.masks = [None if mask is None else mask[:steps] for mask in self.masks]  # locked: (1, B, H) whole
             view.d_hidden = self.d_hidden[:steps]
             view.d_embedded = self.d_embedded[:steps]
         return view
@@ -223,21 +230,22 @@ class LSTMLanguageModel:
             raise ConfigError(f"state must be two arrays of shape {shape}, got {h0.shape} and {c0.shape}")
         return h0, c0
 
-    def _dropout_masks(self, steps: int, batch: int, rng) -> list[np.ndarray | None]:
-        """One mask per masked tensor: (1, B, H) shared by all steps of the window when locked, else (T, B, H)."""
-        shape = (1 if self.config.locked_dropout else steps, batch, self.config.hidden_size)
-        return [None] + [self._mask(rng, shape, self.config.dropout) for _ in range(self.config.num_layers)]
+    def _dropout_masks(self, ws: _Workspace, rng) -> list[np.ndarray | None]:
+        """Fresh inverted-dropout masks in the workspace's buffers (see `_Workspace.masks`)."""
+        for mask in ws.masks[1:]:
+            self._fill_mask(mask, rng, self.config.dropout)
+        return ws.masks
 
-    def _weight_drop_masks(self, rng) -> list[np.ndarray]:
+    def _weight_drop_masks(self, ws: _Workspace, rng) -> list[np.ndarray]:
         """One DropConnect mask (4H, H) per layer's W_hh, drawn after the dropout masks."""
-        shape = (4 * self.config.hidden_size, self.config.hidden_size)
-        return [self._mask(rng, shape, self.config.weight_drop) for _ in range(self.config.num_layers)]
+        for mask in ws.w_hh_masks:
+            self._fill_mask(mask, rng, self.config.weight_drop)
+        return ws.w_hh_masks
 
-    def _mask(self, rng, shape: tuple[int, ...], rate: float) -> np.ndarray:
+    @staticmethod
+    def _fill_mask(mask: np.ndarray, rng, rate: float) -> None:
         """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate); rng draws only its key."""
-        mask = np.empty(shape, self._dtype)
         kernels.dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate)
-        return mask
 
     def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:
         """Each layer's W_hh as this window uses it: the parameter, or its masked copy under weight drop."""
@@ -316,9 +324,9 @@ class LSTMLanguageModel:
         masks = weight_masks = None
         rng = self._dropout_rng if rng is None else rng
         if train and self.config.dropout > 0.0:
-            masks = self._dropout_masks(steps, batch, rng)
+            masks = self._dropout_masks(ws, rng)
         if train and self.config.weight_drop > 0.0:
-            weight_masks = self._weight_drop_masks(rng)
+            weight_masks = self._weight_drop_masks(ws, rng)
         recurrent = self._recurrent_weights(ws, weight_masks)
         use_table = self._uses_table(n_tokens)
         bias = self.params["decoder.bias"]
@@ -382,8 +390,9 @@ class LSTMLanguageModel:
             w_ih = params[f"lstm.{layer}.w_ih"]
             h, c, acts, tanh_c = ws.h[layer], ws.c[layer], ws.acts[layer], ws.tanh_c[layer]
             mask = ws.ones if masks is None else masks[layer + 1]
-            np.copyto(ws.w_hh_t, w_hh.T)
-            kernels.pack_panels(ws.w_hh_t, ws.w_hh_t_panels)
+            if ws.w_hh_t.shape[0]:
+                np.copyto(ws.w_hh_t, w_hh.T)
+            kernels.pack_panels(w_hh.T, ws.w_hh_t_panels)
             ws.d_h.fill(0.0)
             ws.d_c.fill(0.0)
             parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_backward(

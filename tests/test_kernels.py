@@ -91,9 +91,20 @@ def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
     width = kernels.panel_width(dtype)
     panels = np.zeros((n_out // width if kernels.panels_apply(n_out, dtype, len(x)) else 0, n_in, width), dtype)
     kernels.pack_panels(w, panels)
-    kernels._add_row_products(x, w, panels, out, lo, hi)
+    unread = np.full_like(w, np.nan)  # with panels, w itself is never read
+    kernels._add_row_products(x, w if panels.shape[0] == 0 else unread, panels, out, lo, hi)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_panels_packed_from_a_transposed_view_equal_those_of_a_contiguous_copy():
+    w = np.random.default_rng(3).standard_normal((128, 64)).astype(np.float32)
+    width = kernels.panel_width(np.float32)
+    from_view, from_copy = (np.zeros((64 // width, 128, width), np.float32) for _ in range(2))
+    kernels.pack_panels(w.T, from_view)
+    kernels.pack_panels(np.ascontiguousarray(w.T), from_copy)
+    np.testing.assert_array_equal(from_view, from_copy)
+    np.testing.assert_array_equal(from_view[1, :, 3], w[:, width + 3])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -145,6 +156,10 @@ def test_embedding_forward_and_backward_with_repeated_ids():
     expected = np.ones((5, 130))
     np.add.at(expected, ids, d_rows)
     np.testing.assert_allclose(d_table, expected, rtol=1e-13)
+    split = np.ones((5, 130))  # as the threads run it: disjoint column ranges, strided views
+    for lo, hi in ((0, 57), (57, 130)):
+        kernels.embedding_backward(split[:, lo:hi], ids, d_rows[:, lo:hi])
+    np.testing.assert_allclose(split, expected, rtol=1e-13)
 
 
 @pytest.fixture(scope="module", params=["small_vocab", "table", "parallel_decoder_three_layers", "float32_blocks"])

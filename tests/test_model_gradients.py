@@ -75,8 +75,11 @@ def test_dropout_masks_change_the_loss_and_eval_ignores_them():
 def test_locked_masks_are_shared_by_all_steps_and_per_step_masks_are_not(locked):
     config = ModelConfig(vocab_size=VOCAB, embed_dim=4, hidden_size=64, num_layers=2, dropout=0.5,
                          locked_dropout=locked)
-    masks = LSTMLanguageModel(config, seed=0)._dropout_masks(STEPS, BATCH, np.random.default_rng(0))
+    model = LSTMLanguageModel(config, seed=0)
+    model._workspace(STEPS + 3, BATCH, train=True)  # a shorter window then uses a prefix of its buffers
+    masks = model._dropout_masks(model._workspace(STEPS, BATCH, train=True), np.random.default_rng(0))
     assert masks[0] is None and len(masks) == 3
+    assert not np.array_equal(masks[1], masks[2])
     for mask in masks[1:]:
         assert mask.shape == (1 if locked else STEPS, BATCH, 64)
         assert set(np.unique(mask)) == {0.0, 2.0}
