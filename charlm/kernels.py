@@ -596,18 +596,35 @@ def _adamw_kernel(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
         param[n] = param[n] * decay - step_size * m[n] / (np.sqrt(v[n]) * inv_root_correction + epsilon)
 
 
-def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """AdamW in place: decoupled weight decay (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
+def _pieces(sizes: list[int], lo: int, hi: int):
+    """(array index, start, stop) of each part of the range [lo, hi) of arrays of these sizes laid end to end:
+    one parallel pass over many arrays, since handing each small array to a thread costs more than its work."""
+    first = 0
+    for index, size in enumerate(sizes):
+        if first < hi and first + size > lo:
+            yield index, max(lo, first) - first, min(hi, first + size) - first
+        first += size
 
-    param, grad, m, v: same shape and dtype, C-contiguous (they are updated through flat views).
-    """
-    arrays = (param, grad, m, v)
-    if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
-        raise ValueError("adamw_update needs C-contiguous arrays of one shape")
-    flat = [a.reshape(-1) for a in arrays]
-    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
-    parallel_chunks(param.size, lambda lo, hi: _adamw_kernel(*(a[lo:hi] for a in flat), *scalars),
-                    min_chunk=_MIN_ELEMENTWISE_CHUNK)
+
+def adamw_update(groups, lr, beta1, beta2, eps, step) -> None:
+    """AdamW in place on every (param, grad, m, v, weight_decay) of groups: decoupled weight decay
+    (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
+
+    Each group's arrays: same shape and dtype, C-contiguous (updated through flat views)."""
+    flats, decays = [], []
+    for *arrays, weight_decay in groups:
+        if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
+            raise ValueError("adamw_update needs C-contiguous arrays of one shape")
+        flats.append([a.reshape(-1) for a in arrays])
+        decays.append(float(weight_decay))
+    sizes = [arrays[0].size for arrays in flats]
+    scalars = (float(lr), float(beta1), float(beta2), float(eps))
+
+    def update(lo: int, hi: int) -> None:
+        for index, start, stop in _pieces(sizes, lo, hi):
+            _adamw_kernel(*(a[start:stop] for a in flats[index]), *scalars, decays[index], int(step))
+
+    parallel_chunks(sum(sizes), update, min_chunk=_MIN_ELEMENTWISE_CHUNK)
 
 
 # splitmix64 (Steele, Lea & Flood 2014): a counter hashed by these steps is a well-tested random stream, and
@@ -651,8 +668,12 @@ def _sum_of_squares_kernel(flat):
     return total
 
 
-def sum_of_squares(grad) -> float:
-    """Σ grad² accumulated in float64, for global-norm gradient clipping."""
-    flat = np.ascontiguousarray(grad).reshape(-1)
-    return float(sum(parallel_chunks(flat.size, lambda lo, hi: _sum_of_squares_kernel(flat[lo:hi]),
-                                     min_chunk=_MIN_ELEMENTWISE_CHUNK)))
+def sum_of_squares(arrays) -> float:
+    """Σ x² over all the arrays, accumulated in float64 (for global-norm gradient clipping)."""
+    flats = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+    sizes = [flat.size for flat in flats]
+
+    def partial_sum(lo: int, hi: int) -> float:
+        return sum(_sum_of_squares_kernel(flats[index][start:stop]) for index, start, stop in _pieces(sizes, lo, hi))
+
+    return float(sum(parallel_chunks(sum(sizes), partial_sum, min_chunk=_MIN_ELEMENTWISE_CHUNK)))

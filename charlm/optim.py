@@ -1,7 +1,7 @@
 """AdamW, global-norm gradient clipping and learning-rate schedules.
 
-The per-element update runs in one compiled kernel per parameter (`kernels.adamw_update`), so an
-optimizer step costs one pass over memory; this module only decides what goes into each call.
+The per-element update runs in one compiled kernel over all parameters (`kernels.adamw_update`), so an
+optimizer step costs one pass over memory; this module only decides what goes into it.
 """
 
 from __future__ import annotations
@@ -50,12 +50,9 @@ class AdamW:
         """One update of every parameter with `lr` (the scheduled rate; defaults to the base rate)."""
         self.step_count += 1
         rate = self.lr if lr is None else lr
-        for name, param in self.params.items():
-            decay = self.weight_decay if param.ndim >= 2 else 0.0
-            adamw_update(
-                param, grads[name], self.m[name], self.v[name],
-                rate, self.beta1, self.beta2, self.eps, decay, self.step_count,
-            )
+        groups = [(param, grads[name], self.m[name], self.v[name], self.weight_decay if param.ndim >= 2 else 0.0)
+                  for name, param in self.params.items()]
+        adamw_update(groups, rate, self.beta1, self.beta2, self.eps, self.step_count)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The moments as named arrays ("m.<param>", "v.<param>"); `step_count` is kept separately."""
@@ -83,7 +80,7 @@ class AdamW:
 
 def global_grad_norm(grads: dict[str, np.ndarray]) -> float:
     """The L2 norm of all gradients taken as one vector (float64 accumulation; inf/nan propagate)."""
-    return math.sqrt(sum(sum_of_squares(g) for g in grads.values()))
+    return math.sqrt(sum_of_squares(grads.values()))
 
 
 def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:

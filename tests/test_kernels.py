@@ -20,29 +20,35 @@ from charlm.model import LSTMLanguageModel
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adamw_update_matches_formula(dtype):
+    # 40,000 + 30,000 elements: the two threads' halves split the first parameter, not at its end.
     rng = np.random.default_rng(0)
-    param = rng.normal(size=(5, 7)).astype(dtype)
-    m = rng.normal(size=(5, 7)).astype(dtype)
-    v = rng.random((5, 7)).astype(dtype)
-    grad = rng.normal(size=(5, 7)).astype(dtype)
-    lr, b1, b2, eps, wd, step = 0.01, 0.9, 0.99, 1e-8, 0.1, 3
-    expected_m = b1 * m + (1 - b1) * grad
-    expected_v = b2 * v + (1 - b2) * grad**2
-    m_hat = expected_m / (1 - b1**step)
-    v_hat = expected_v / (1 - b2**step)
-    expected = param * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps)
-    kernels.adamw_update(param, grad, m, v, lr, b1, b2, eps, wd, step)
-    rtol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(m, expected_m, rtol=rtol)
-    np.testing.assert_allclose(v, expected_v, rtol=rtol)
-    np.testing.assert_allclose(param, expected, rtol=rtol)
+    lr, b1, b2, eps, step = 0.01, 0.9, 0.99, 1e-8, 3
+    groups, expected = [], []
+    for shape, wd in (((200, 200), 0.1), ((30_000,), 0.0)):
+        param, m, grad = (rng.normal(size=shape).astype(dtype) for _ in range(3))
+        v = rng.random(shape).astype(dtype)
+        expected_m = b1 * m + (1 - b1) * grad
+        expected_v = b2 * v + (1 - b2) * grad**2
+        m_hat = expected_m / (1 - b1**step)
+        v_hat = expected_v / (1 - b2**step)
+        expected.append((param * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps), expected_m, expected_v))
+        groups.append((param, grad, m, v, wd))
+    kernels.adamw_update(groups, lr, b1, b2, eps, step)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12  # relative, and absolute where terms cancel
+    for (param, _, m, v, _), (expected_param, expected_m, expected_v) in zip(groups, expected):
+        for actual, wanted in ((m, expected_m), (v, expected_v), (param, expected_param)):
+            np.testing.assert_allclose(actual, wanted, rtol=tolerance, atol=tolerance)
+    param, grad, m, v, wd = groups[0]
     with pytest.raises(ValueError):
-        kernels.adamw_update(param.T, grad.T, m.T, v.T, lr, b1, b2, eps, wd, step)
+        kernels.adamw_update([(param.T, grad.T, m.T, v.T, wd)], lr, b1, b2, eps, step)
 
 
 def test_sum_of_squares_accumulates_in_float64():
     grad = np.full((1000, 1000), 0.1, np.float32)
-    assert kernels.sum_of_squares(grad) == pytest.approx(1e6 * float(np.float32(0.1)) ** 2, rel=1e-12)
+    assert kernels.sum_of_squares([grad]) == pytest.approx(1e6 * float(np.float32(0.1)) ** 2, rel=1e-12)
+    pieces = [np.arange(n, dtype=np.float32) for n in (50_000, 3, 40_000)]
+    expected = sum(float(np.sum(p.astype(np.float64) ** 2)) for p in pieces)
+    assert kernels.sum_of_squares(pieces) == pytest.approx(expected, rel=1e-12)
 
 
 def softmax_xent_reference(logits, bias, targets):
