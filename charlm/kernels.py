@@ -443,7 +443,7 @@ def _dot(row, x):
     return acc
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model=ERROR_MODEL)
 def _sample(logits, temperature, top_k, top_p, uniform, probs):
     """Token drawn from softmax(logits / temperature) restricted to the top_k tokens (0 = all) and to the
     smallest most-probable set with mass >= top_p, using one uniform number in [0, 1); argmax when
@@ -451,20 +451,21 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     vocab = logits.shape[0]
     if temperature <= 0.0:
         return np.argmax(logits)
-    top = -np.inf
+    top = logits[0]
     for v in range(vocab):
-        if logits[v] > top:
-            top = logits[v]
+        top = max(top, logits[v])
     threshold = -np.inf
     if 0 < top_k < vocab:
         threshold = -np.partition(-logits, top_k - 1)[top_k - 1]
+    # In the logits' dtype and without a branch, so the exponentials vectorise: in float64 through libm they
+    # were a fifth of a bpe-512 token (V = 8000).
+    inv_temperature = logits.dtype.type(1.0 / temperature)
     total = 0.0
     for v in range(vocab):
-        if logits[v] >= threshold:
-            probs[v] = np.exp((logits[v] - top) / temperature)
-            total += probs[v]
-        else:
-            probs[v] = 0.0
+        e = _exp((logits[v] - top) * inv_temperature)
+        p = np.float64(e) if logits[v] >= threshold else 0.0
+        probs[v] = p
+        total += p
     if top_p < 1.0:
         order = np.argsort(-probs)
         kept = 0.0
