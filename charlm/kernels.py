@@ -449,7 +449,7 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     smallest most-probable set with mass >= top_p, using one uniform number in [0, 1); argmax when
     temperature <= 0. probs: (V,) float64 workspace."""
     vocab = logits.shape[0]
-    if temperature <= 0.0:
+    if temperature <= 0.0 or logits.dtype.type(1.0 / temperature) == np.inf:  # 1/T beyond the dtype: greedy too
         return np.argmax(logits)
     top = logits[0]
     for v in range(vocab):

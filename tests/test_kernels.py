@@ -203,6 +203,8 @@ def test_greedy_generation_is_argmax_of_step(model):
     assert len(generated) == model.generation_tokens
     np.testing.assert_array_equal(generated, replay(model, prompt, generated).argmax(axis=1))
     assert list(model.generate_ids(prompt, model.generation_tokens, temperature=1.0, top_k=1, seed=3)) == generated
+    # A temperature so small that 1/T overflows float32 is greedy too (0 * inf would make every weight NaN).
+    assert list(model.generate_ids(prompt, model.generation_tokens, temperature=1e-45, seed=3)) == generated
 
 
 def test_same_seed_same_tokens(model):
