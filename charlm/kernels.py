@@ -449,7 +449,8 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
     smallest most-probable set with mass >= top_p, using one uniform number in [0, 1); argmax when
     temperature <= 0. probs: (V,) float64 workspace."""
     vocab = logits.shape[0]
-    if temperature <= 0.0 or logits.dtype.type(1.0 / temperature) == np.inf:  # 1/T beyond the dtype: greedy too
+    inv_temperature = logits.dtype.type(1.0 / temperature) if temperature > 0.0 else logits.dtype.type(np.inf)
+    if inv_temperature == np.inf:  # temperature 0, or so small that 1/T overflows the dtype: greedy
         return np.argmax(logits)
     top = logits[0]
     for v in range(vocab):
@@ -459,7 +460,6 @@ def _sample(logits, temperature, top_k, top_p, uniform, probs):
         threshold = -np.partition(-logits, top_k - 1)[top_k - 1]
     # In the logits' dtype and without a branch, so the exponentials vectorise: in float64 through libm they
     # were a fifth of a bpe-512 token (V = 8000).
-    inv_temperature = logits.dtype.type(1.0 / temperature)
     total = 0.0
     for v in range(vocab):
         e = _exp((logits[v] - top) * inv_temperature)
