@@ -607,23 +607,46 @@ def _pieces(sizes: list[int], lo: int, hi: int):
         first += size
 
 
+def _flat_groups(groups, caller: str) -> list[list[np.ndarray]]:
+    """Flat views of each group's arrays, which must share one shape and be C-contiguous (updated in place)."""
+    for arrays in groups:
+        if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"{caller} needs C-contiguous arrays of one shape")
+    return [[a.reshape(-1) for a in arrays] for arrays in groups]
+
+
 def adamw_update(groups, lr, beta1, beta2, eps, step) -> None:
     """AdamW in place on every (param, grad, m, v, weight_decay) of groups: decoupled weight decay
     (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
 
     Each group's arrays: same shape and dtype, C-contiguous (updated through flat views)."""
-    flats, decays = [], []
-    for *arrays, weight_decay in groups:
-        if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
-            raise ValueError("adamw_update needs C-contiguous arrays of one shape")
-        flats.append([a.reshape(-1) for a in arrays])
-        decays.append(float(weight_decay))
+    flats = _flat_groups([arrays for *arrays, _ in groups], "adamw_update")
+    decays = [float(weight_decay) for *_, weight_decay in groups]
     sizes = [arrays[0].size for arrays in flats]
     scalars = (float(lr), float(beta1), float(beta2), float(eps))
 
     def update(lo: int, hi: int) -> None:
         for index, start, stop in _pieces(sizes, lo, hi):
             _adamw_kernel(*(a[start:stop] for a in flats[index]), *scalars, decays[index], int(step))
+
+    parallel_chunks(sum(sizes), update, min_chunk=_MIN_ELEMENTWISE_CHUNK)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _moving_average_kernel(average, value, weight):
+    w = average.dtype.type(weight)
+    for n in range(average.shape[0]):
+        average[n] += w * (value[n] - average[n])
+
+
+def moving_average_update(pairs, weight: float) -> None:
+    """average += weight * (value - average) for every (average, value) of pairs, in one parallel pass."""
+    flats = _flat_groups(pairs, "moving_average_update")
+    sizes = [average.size for average, _ in flats]
+
+    def update(lo: int, hi: int) -> None:
+        for index, start, stop in _pieces(sizes, lo, hi):
+            _moving_average_kernel(flats[index][0][start:stop], flats[index][1][start:stop], float(weight))
 
     parallel_chunks(sum(sizes), update, min_chunk=_MIN_ELEMENTWISE_CHUNK)
 

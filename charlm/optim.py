@@ -1,4 +1,4 @@
-"""AdamW, global-norm gradient clipping and learning-rate schedules.
+"""AdamW, weight averaging, global-norm gradient clipping and learning-rate schedules.
 
 The per-element update runs in one compiled kernel over all parameters (`kernels.adamw_update`), so an
 optimizer step costs one pass over memory; this module only decides what goes into it.
@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from charlm.errors import CheckpointError, ConfigError
-from charlm.kernels import adamw_update, sum_of_squares
+from charlm.kernels import adamw_update, moving_average_update, sum_of_squares
 
 SCHEDULES = ("cosine", "constant", "plateau")
 
@@ -76,6 +76,28 @@ class AdamW:
         if step_count < 0:
             raise CheckpointError(f"optimizer step count must be non-negative, got {step_count}")
         self.step_count = int(step_count)
+
+
+class WeightAverage:
+    """An exponential moving average of the weights, kept beside them for evaluation and checkpoints.
+
+    The average of the last iterates scores better than the last iterate itself, which carries the noise
+    of the final updates (Polyak averaging; AWD-LSTM averages SGD's iterates for the same reason). After
+    n updates the decay is min(decay, (1 + n) / (10 + n)), so early on the average covers about the last
+    tenth of the run rather than remembering the random initialisation.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"weight-average decay must be in (0, 1), got {decay!r}")
+        self.params = params
+        self.decay = decay
+        self.averaged = {name: p.copy() for name, p in params.items()}
+
+    def update(self, updates: int) -> None:
+        """Fold in the current weights, after `updates` optimizer steps in all (1-based)."""
+        decay = min(self.decay, (1.0 + updates) / (10.0 + updates))
+        moving_average_update([(self.averaged[name], p) for name, p in self.params.items()], 1.0 - decay)
 
 
 def global_grad_norm(grads: dict[str, np.ndarray]) -> float:

@@ -31,7 +31,7 @@ from charlm.data import SAMPLINGS, BatchStream, encode_cached
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
-from charlm.optim import SCHEDULES, AdamW, PlateauDecay, clip_grad_norm, learning_rate
+from charlm.optim import SCHEDULES, AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
 from charlm.runtime import ensure_threads_limited
 from charlm.tokenize import train_tokenizer
 
@@ -47,11 +47,14 @@ STOP_KEYS = ("epochs", "max_steps", "time_budget")
 FROZEN_ON_RESUME = (
     "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
     "weight_drop", "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size",
-    "random_length", "window_sampling", "seed",
+    "random_length", "window_sampling", "seed", "ema_decay",
 )
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
 DROPOUT_RNG_STREAM = 1
+# With a weight average, a checkpoint's weights are the average (what eval and generate should use) and the
+# optimizer file also holds the training weights themselves, under this prefix, for --resume.
+TRAINING_WEIGHTS_PREFIX = "train."
 
 
 class TrainingDiverged(CharlmError):
@@ -69,7 +72,8 @@ class TrainConfig:
 
     The run stops at the first of `epochs`, `max_steps` and `time_budget` (minutes) that is reached;
     with none of them it stops after DEFAULT_TIME_BUDGET_MINUTES. The cosine schedule decays over the
-    step count when there is one, else over the time budget.
+    step count when there is one, else over the time budget. `ema_decay` > 0 validates and saves an
+    exponential moving average of the weights (0 = the weights themselves).
     """
 
     corpus: str
@@ -95,6 +99,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     clip: float = 1.0
+    ema_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
@@ -132,6 +137,7 @@ class TrainConfig:
             self._check_float("valid_fraction", low=0.0, high=1.0, low_open=True)
         self._check_float("beta1", low=0.0, high=1.0)
         self._check_float("beta2", low=0.0, high=1.0)
+        self._check_float("ema_decay", low=0.0, high=1.0)
         self._check_float("min_lr_ratio", low=0.0, high=1.0, high_closed=True)
         self._check_float("plateau_factor", low=0.0, high=1.0, low_open=True)
         if self.time_budget is not None:
@@ -415,6 +421,11 @@ class _Run:
                                        seed=config.seed)
         self.optimizer = AdamW(self.model.params, lr=config.lr, betas=(config.beta1, config.beta2),
                                weight_decay=config.weight_decay)
+        # Built from the checkpoint's weights, which are the average when there is one; _restore then
+        # puts the training weights back into the model.
+        self.average = WeightAverage(self.model.params, config.ema_decay) if config.ema_decay else None
+        self.eval_model = self.model if self.average is None else LSTMLanguageModel(
+            self.model_config, params=self.average.averaged)
         self.plateau = PlateauDecay(factor=config.plateau_factor, patience=config.plateau_patience)
         self.dropout_rng = np.random.default_rng([config.seed, DROPOUT_RNG_STREAM])
         self.hidden = self.model.zero_state(config.batch_size)
@@ -460,6 +471,9 @@ class _Run:
         state = checkpoint.trainer_state
         moments = checkpoint.optimizer_state or {}
         self.optimizer.load_state_dict(moments, state["optimizer_steps"])
+        if self.average is not None:
+            for name, param in self.model.params.items():
+                param[...] = moments[TRAINING_WEIGHTS_PREFIX + name]
         self.hidden = (moments["state.h"].copy(), moments["state.c"].copy())
         self.stream.load_state_dict(state["data"])
         self.dropout_rng.bit_generator.state = state["dropout_rng"]
@@ -571,6 +585,8 @@ class _Run:
             return lr, inputs.size
         self.consecutive_nonfinite = 0
         self.optimizer.step(grads, lr)
+        if self.average is not None:
+            self.average.update(self.optimizer.step_count)
         self.hidden = hidden
         self.loss_sum += loss
         self.loss_count += 1
@@ -615,7 +631,7 @@ class _Run:
 
     def _validate(self, progress: _Progress) -> None:
         """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
-        result = evaluate_ids(self.model, self.valid_ids, chars=self.valid_chars)
+        result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars)
         finite = math.isfinite(result.loss)
         self.last_val_loss = result.loss if finite else None
         improved = finite and (self.best_val_loss is None or result.loss < self.best_val_loss)
@@ -643,7 +659,9 @@ class _Run:
         if with_optimizer:
             h, c = self.hidden
             optimizer_state = {**self.optimizer.state_dict(), "state.h": h, "state.c": c}
-        save_checkpoint(folder, model_config=self.model_config, params=self.model.params,
+            if self.average is not None:
+                optimizer_state.update({TRAINING_WEIGHTS_PREFIX + name: p for name, p in self.model.params.items()})
+        save_checkpoint(folder, model_config=self.model_config, params=self.eval_model.params,
                         tokenizer_json=self.tokenizer_json, trainer_state=self._trainer_state(),
                         optimizer_state=optimizer_state, train_config=self.config.to_dict())
 

@@ -1,4 +1,4 @@
-"""AdamW against the textbook formula, clipping, and the shape of the learning-rate schedules."""
+"""AdamW against the textbook formula, the weight average, clipping, and the learning-rate schedules."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from charlm.errors import CheckpointError, ConfigError
-from charlm.optim import AdamW, PlateauDecay, clip_grad_norm, global_grad_norm, learning_rate
+from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, global_grad_norm, learning_rate
 
 
 def reference_adamw(p, grads, lr, b1, b2, eps, wd):
@@ -40,6 +40,33 @@ def test_adamw_matches_reference_formula_and_decays_only_matrices():
     expected_b = reference_adamw(initial["b"], [g["b"] for g in grad_steps], 0.01, 0.9, 0.99, 1e-8, 0.0)
     np.testing.assert_allclose(params["w"], expected_w, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(params["b"], expected_b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_average_follows_the_ramped_moving_average(dtype):
+    """Arrays of several sizes (one large enough to be split between threads) against the formula in float64."""
+    rng = np.random.default_rng(4)
+    params = {"big": rng.standard_normal(300_001).astype(dtype), "w": rng.standard_normal((5, 3)).astype(dtype),
+              "b": rng.standard_normal(2).astype(dtype)}
+    average = WeightAverage(params, decay=0.95)
+    expected = {name: p.astype(np.float64) for name, p in params.items()}
+    for updates in range(1, 40):
+        for name, p in params.items():
+            p += rng.standard_normal(p.shape).astype(dtype)
+            decay = min(0.95, (1 + updates) / (10 + updates))
+            expected[name] = decay * expected[name] + (1 - decay) * p
+        average.update(updates)
+    for name in params:
+        assert average.averaged[name].dtype == dtype
+        np.testing.assert_allclose(average.averaged[name], expected[name], rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                   atol=1e-5 if dtype == np.float32 else 1e-12)
+        assert not np.shares_memory(average.averaged[name], params[name])
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
+def test_weight_average_rejects_decays_outside_0_1(decay):
+    with pytest.raises(ConfigError, match="decay"):
+        WeightAverage({"w": np.zeros(3)}, decay)
 
 
 def test_adamw_state_round_trip_continues_identically():

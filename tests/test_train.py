@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import charlm.train as train_module
-from charlm.checkpoint import load_checkpoint
+from charlm.checkpoint import load_checkpoint, load_model
+from charlm.corpus import resolve_corpus
 from charlm.errors import ConfigError, CorpusError
+from charlm.evaluate import evaluate
 from charlm.train import (VOLATILE_METRIC_KEYS, TrainConfig, TrainingDiverged, load_recipe, merge_options,
                           train)
 
@@ -69,7 +71,8 @@ def test_training_lowers_validation_loss_and_writes_the_run_folder(corpus, tmp_p
 @pytest.mark.parametrize("options", [
     dict(dropout=0.3, random_length=True, seq_len=10),
     dict(dropout=0.3, locked_dropout=False, weight_drop=0.2, window_sampling="random", seq_len=10),
-], ids=["streams", "random-windows"])
+    dict(dropout=0.3, ema_decay=0.9, seq_len=10),
+], ids=["streams", "random-windows", "weight-average"])
 def test_killed_run_resumes_bit_identically(corpus, tmp_path, monkeypatch, options):
     """Dropout and weight-drop masks, random windows or lengths and a carried state all survive a kill
     between checkpoints."""
@@ -96,6 +99,20 @@ def test_killed_run_resumes_bit_identically(corpus, tmp_path, monkeypatch, optio
     for name, array in weights(reference / "last").items():
         assert np.array_equal(array, weights(killed / "last")[name]), name
     assert stable_metrics(killed) == stable_metrics(reference)
+
+
+def test_the_weight_average_is_validated_and_saved_while_training_moves_the_weights(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, ema_decay=0.9), verbose=False)
+    last = load_checkpoint(out / "last", load_optimizer=True)
+    trained = {name.removeprefix("train."): array for name, array in last.optimizer_state.items()
+               if name.startswith("train.")}
+    assert set(trained) == set(last.params)
+    assert all(not np.array_equal(trained[name], last.params[name]) for name in trained)
+    # The logged validation loss is the saved average's: evaluating best/ on the same split reproduces it.
+    model, tokenizer, best = load_model(out / "best")
+    splits = resolve_corpus(str(corpus))
+    assert evaluate(model, tokenizer, splits.valid).loss == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
 def test_sigint_saves_and_resume_matches_uninterrupted(corpus, tmp_path, monkeypatch):
