@@ -106,7 +106,7 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
               help=f"AdamW decoupled weight decay on matrices [default: {_default('weight_decay'):g}].")
 @click.option("--clip", type=float, help=f"Global gradient-norm clip, 0 = off [default: {_default('clip'):g}].")
 @click.option("--ema-decay", type=float,
-              help="Validate and save an exponential moving average of the weights with this decay (e.g. 0.999), "
+              help="Validate and save an exponential moving average of the weights with this decay (e.g. 0.995), "
                    f"0 = off [default: {_default('ema_decay'):g}].")
 @click.option("--warmup", type=int, help=f"Linear warm-up steps [default: {_default('warmup_steps')}].")
 @click.option("--schedule", type=click.Choice(SCHEDULES),

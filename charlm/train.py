@@ -1,8 +1,8 @@
 """The training loop: corpus -> tokenizer -> ids -> windows -> model -> AdamW -> checkpoints and metrics.jsonl.
 
-Exact resume: everything the next step depends on -- weights, Adam moments, step count, data cursor,
-dropout RNG, the hidden state carried between windows and the half-filled loss average of the log --
-goes into every checkpoint, so a run stopped anywhere and resumed with `resume=True` ends with the same
+Exact resume: everything the next step depends on -- weights and their average, Adam moments, step count,
+data cursor, dropout RNG, the hidden state carried between windows and the half-filled loss average of the
+log -- goes into every checkpoint, so a run stopped anywhere and resumed with `resume=True` ends with the same
 weights and the same metrics log (apart from the timing fields) as a run that was never stopped.
 """
 
