@@ -309,9 +309,11 @@ def _remove_run_files(out: Path) -> None:
 def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
     if saved is None:
         raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
-    changed = [name for name in FROZEN_ON_RESUME if name in saved and saved[name] != getattr(config, name)]
+    # A setting missing from an older checkpoint had its default then (say ema_decay: no average).
+    before = {name: saved.get(name, TrainConfig.__dataclass_fields__[name].default) for name in FROZEN_ON_RESUME}
+    changed = [name for name in FROZEN_ON_RESUME if before[name] != getattr(config, name)]
     if changed:
-        details = ", ".join(f"{flag(n)} {saved[n]!r} -> {getattr(config, n)!r}" for n in changed)
+        details = ", ".join(f"{flag(n)} {before[n]!r} -> {getattr(config, n)!r}" for n in changed)
         raise ConfigError(f"--resume cannot change the model or data settings of a run: {details}")
 
 

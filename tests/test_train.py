@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import charlm.train as train_module
-from charlm.checkpoint import load_checkpoint, load_model
+from charlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from charlm.corpus import resolve_corpus
 from charlm.errors import ConfigError, CorpusError
 from charlm.evaluate import evaluate
@@ -198,6 +198,16 @@ def test_resume_refuses_a_changed_model(corpus, tmp_path):
     train(tiny_config(corpus, out, max_steps=3), verbose=False)
     with pytest.raises(ConfigError, match="--hidden 24 -> 32"):
         train(tiny_config(corpus, out, hidden_size=32), resume=True, verbose=False)
+    # A run saved before a setting existed ran with its default: turning the weight average on is a change.
+    last = out / "last"
+    checkpoint = load_checkpoint(last, load_optimizer=True)
+    del checkpoint.train_config["ema_decay"]
+    save_checkpoint(last, model_config=checkpoint.model_config, params=checkpoint.params,
+                    tokenizer_json=checkpoint.tokenizer_json, trainer_state=checkpoint.trainer_state,
+                    optimizer_state=checkpoint.optimizer_state, train_config=checkpoint.train_config)
+    with pytest.raises(ConfigError, match="--ema-decay 0.0 -> 0.9"):
+        train(tiny_config(corpus, out, ema_decay=0.9), resume=True, verbose=False)
+    assert train(tiny_config(corpus, out, max_steps=4), resume=True, verbose=False).step == 4
 
 
 def test_time_budget_and_epochs_stop_cleanly(corpus, tmp_path):
