@@ -317,6 +317,40 @@ def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, 
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_hh_panels, biases, h, c, gates,
+                       tanh_c, lo, hi):
+    """Inference: every layer's time loop at once for the batch rows [lo, hi), layer l of step t right after
+    layer l-1, so a step's pre-activations live only in `gates` (B, 4H) and the input projections of layers
+    >= 1 are products inside the step (the same register tiles, on the thread's rows): no (T, B, 4H) buffer
+    per layer written and read back, and no thread meeting between layers. Nothing is kept for backward.
+
+    Layer 0's pre-activations come as in `lstm_layer_forward` (acts0 with the bias in, or with `use_table`
+    rows of table plus bias). w_ih, w_ih_panels, w_hh, w_hh_panels, biases, h, c: tuples with one entry per
+    layer (w_ih[0] and its panels unused); h, c: (T+1, B, H) each, the initial state in [0]; tanh_c: (B, H)."""
+    steps = ids.shape[0]
+    for t in range(steps):
+        for layer in range(len(w_hh)):
+            bias = biases[layer]
+            for b in range(lo, hi):
+                row = gates[b]
+                if layer > 0:
+                    row[:] = bias
+                elif use_table:
+                    proj = table[ids[t, b]]
+                    for j in range(row.shape[0]):
+                        row[j] = proj[j] + bias[j]
+                else:
+                    row[:] = acts0[t, b]
+            if layer > 0:
+                _add_row_products(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], gates, lo, hi)
+            _add_row_products(h[layer][t], w_hh[layer], w_hh_panels[layer], gates, lo, hi)
+            h_layer, c_layer = h[layer], c[layer]
+            for b in range(lo, hi):
+                _activate_gates(gates[b])
+                _cell_update(gates[b], c_layer[t, b], c_layer[t + 1, b], h_layer[t + 1, b], tanh_c[b])
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def _activate_gates(gates):
     """Pre-activations -> activations in place for one (4H,) row: sigmoid, sigmoid, tanh, sigmoid.
 

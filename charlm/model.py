@@ -105,15 +105,22 @@ class _Workspace:
         layers, hidden, vocab = config.num_layers, config.hidden_size, config.vocab_size
         self.h = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]  # h[l][0] = h0
         self.c = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]
-        self.acts = [np.zeros((steps, batch, 4 * hidden), dtype) for _ in range(layers)]  # then dG
-        self.tanh_c = [np.zeros((steps, batch, hidden), dtype) for _ in range(layers)]
+        # Training keeps every layer's activations (then dG) and tanh(c) for backward; inference keeps only
+        # layer 0's input projections, as the layers above project their inputs step by step into `gates`.
+        self.acts = [np.zeros((steps, batch, 4 * hidden), dtype) for _ in range(layers if train else 1)]
+        self.tanh_c = [np.zeros((steps, batch, hidden), dtype) for _ in range(layers if train else 0)]
+        self.gates = np.zeros((0 if train else batch, 4 * hidden), dtype)
+        self.tanh_step = np.zeros((0 if train else batch, hidden), dtype)
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
-        self.w_hh_panels = self._panels(4 * hidden, hidden, dtype, batch)
-        # Layer inputs are the embedding (E) or the layer below (H) wide; keyed by that width.
-        self.w_ih_panels = {n_in: self._panels(4 * hidden, n_in, dtype, steps * batch)
-                            for n_in in {config.embed_dim, hidden}}
+        self.w_hh_panels = [self._panels(4 * hidden, hidden, dtype, batch) for _ in range(layers)]
+        # Window-wide input projections have T*B rows; inference's per-step ones above layer 0 have B.
+        self.w_ih_panels = [
+            self._panels(4 * hidden, config.embed_dim if layer == 0 else hidden, dtype,
+                         steps * batch if train or layer == 0 else batch)
+            for layer in range(layers)
+        ]
         dropout = train and config.dropout > 0.0
         # dropped[l] is the masked input of layer l (l >= 1); dropped[layers] the masked decoder input.
         self.dropped = [None] + [
@@ -257,11 +264,15 @@ class LSTMLanguageModel:
     def _run_layers(self, ws: _Workspace, ids: np.ndarray, h0, c0, masks, recurrent, use_table: bool) -> np.ndarray:
         """Forward through every LSTM layer; returns the decoder input (T*B, H), dropout applied.
 
-        The time loop runs on the threads' shares of the batch rows, which stay independent for all T."""
+        The time loop runs on the threads' shares of the batch rows, which stay independent for all T:
+        in training a layer at a time (backward needs every layer's activations), in inference all layers
+        at once (`kernels.lstm_stack_forward`)."""
         steps, batch = ids.shape
         n_tokens = steps * batch
         hidden = self.config.hidden_size
         params = self.params
+        if not ws.train:
+            return self._run_stack(ws, ids, h0, c0, recurrent, use_table)
         for layer in range(self.config.num_layers):
             w_hh = recurrent[layer]
             w_ih = params[f"lstm.{layer}.w_ih"]
@@ -278,13 +289,39 @@ class LSTMLanguageModel:
                     inputs = ws.embedded
                 else:
                     inputs = self._layer_input(ws, layer, masks)
-                self._project(inputs.reshape(n_tokens, -1), w_ih, ws.w_ih_panels[w_ih.shape[1]], bias,
+                self._project(inputs.reshape(n_tokens, -1), w_ih, ws.w_ih_panels[layer], bias,
                               acts.reshape(n_tokens, 4 * hidden))
 
-            kernels.pack_panels(w_hh, ws.w_hh_panels)
+            kernels.pack_panels(w_hh, ws.w_hh_panels[layer])
             parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_forward(
-                acts, table, ws.table, ids, w_hh, ws.w_hh_panels, bias, h, c, tanh_c, lo, hi))
+                acts, table, ws.table, ids, w_hh, ws.w_hh_panels[layer], bias, h, c, tanh_c, lo, hi))
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
+
+    def _run_stack(self, ws: _Workspace, ids: np.ndarray, h0, c0, recurrent, use_table: bool) -> np.ndarray:
+        """Inference forward (no dropout): layer 0's input projection for the whole window (or its table),
+        then one compiled loop over steps and layers per thread; returns the last layer's outputs (T*B, H)."""
+        steps, batch = ids.shape
+        n_tokens = steps * batch
+        params, layers = self.params, range(self.config.num_layers)
+        w_ih = tuple(params[f"lstm.{layer}.w_ih"] for layer in layers)
+        biases = tuple(params[f"lstm.{layer}.bias"] for layer in layers)
+        for layer in layers:
+            ws.h[layer][0] = h0[layer]
+            ws.c[layer][0] = c0[layer]
+            kernels.pack_panels(recurrent[layer], ws.w_hh_panels[layer])
+            if layer > 0:
+                kernels.pack_panels(w_ih[layer], ws.w_ih_panels[layer])
+        acts0 = ws.acts[0]
+        if use_table:
+            np.matmul(params["embedding"], w_ih[0].T, out=ws.table)
+        else:
+            kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
+            self._project(ws.embedded.reshape(n_tokens, -1), w_ih[0], ws.w_ih_panels[0], biases[0],
+                          acts0.reshape(n_tokens, -1))
+        parallel_chunks(batch, lambda lo, hi: kernels.lstm_stack_forward(
+            acts0, use_table, ws.table, ids, w_ih, tuple(ws.w_ih_panels), tuple(recurrent), tuple(ws.w_hh_panels),
+            biases, tuple(ws.h), tuple(ws.c), ws.gates, ws.tanh_step, lo, hi))
+        return ws.h[-1][1:].reshape(n_tokens, -1)
 
     @staticmethod
     def _project(x: np.ndarray, w: np.ndarray, panels: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
