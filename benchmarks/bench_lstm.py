@@ -6,7 +6,8 @@
 
 Tasks (medians of per-step times; warm-up repetitions discarded):
   train     one truncated-BPTT window of (T, B) tokens: forward + backward + Adam step, state carried
-  eval      forward only (loss), B=32, T=128, state carried
+  eval      forward only (loss), B=32, T=128, state carried; the weights are fixed for the whole phase,
+            as in an evaluation pass (charlm packs them once, as `charlm eval` does)
   generate  batch 1, one token at a time: every layer + decoder + softmax sampling, in ms/token
 
 The machine is shared and noisy, so both libraries run in the same process and take turns: each repetition
@@ -29,6 +30,7 @@ Every ratio is "how many times better charlm is": > 1 means charlm wins (speed: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -174,6 +176,10 @@ class CharlmRunner:
         self.optimizer.step(grads, LEARNING_RATE)
         return time.perf_counter() - start
 
+    def phase(self, task: str):
+        """Evaluation holds the weights fixed, so it packs them once, as evaluate_ids does for `charlm eval`."""
+        return self.model.frozen_weights() if task == "eval" else contextlib.nullcontext()
+
     def eval(self) -> float:
         w = self.eval_window % len(self.workload.eval_inputs)
         self.eval_window += 1
@@ -228,6 +234,9 @@ class TorchRunner:
         self.train_window = 0
         self.eval_window = 0
         self.generator = torch.Generator().manual_seed(0)
+
+    def phase(self, task: str):
+        return contextlib.nullcontext()
 
     def _set_training(self, training: bool) -> None:
         for module in self.modules:
@@ -295,11 +304,14 @@ def task_tokens(config: BenchConfig, task: str, gen_tokens: int) -> int:
 def time_interleaved(runners: list, task: str, reps: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of `task` for each runner; each repetition alternates who goes first."""
     times: dict[str, list[float]] = {r.library: [] for r in runners}
-    for rep in range(warmup + reps):
-        for runner in runners if rep % 2 == 0 else runners[::-1]:
-            elapsed = getattr(runner, task)()
-            if rep >= warmup:
-                times[runner.library].append(elapsed)
+    with contextlib.ExitStack() as phases:
+        for runner in runners:
+            phases.enter_context(runner.phase(task))
+        for rep in range(warmup + reps):
+            for runner in runners if rep % 2 == 0 else runners[::-1]:
+                elapsed = getattr(runner, task)()
+                if rep >= warmup:
+                    times[runner.library].append(elapsed)
     return {library: statistics.median(t) for library, t in times.items()}
 
 
@@ -342,8 +354,9 @@ def run_rss_child(spec: str, args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     config = parse_config(config_name)
     runner = RUNNERS[library](config, Workload.random(config), args.dropout, args.gen_tokens)
-    for _ in range(3):
-        getattr(runner, task)()
+    with runner.phase(task):
+        for _ in range(3):
+            getattr(runner, task)()
     if library == "charlm" and "torch" in sys.modules:
         raise RuntimeError("the charlm side imported torch")
     print(json.dumps({"peak_rss_mib": peak_rss_mib()}))

@@ -65,13 +65,14 @@ def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, se
     covered = streams * stream_len
     inputs = np.asarray(ids[:covered]).reshape(streams, stream_len).T
     targets = np.asarray(ids[1:covered + 1]).reshape(streams, stream_len).T
-    total_nats, state = _score_streams(model, inputs, targets, model.zero_state(streams), seq_len)
-    if covered < predictions:
-        h, c = state
-        last_stream = (np.ascontiguousarray(h[:, -1:]), np.ascontiguousarray(c[:, -1:]))
-        tail_nats, _ = _score_streams(model, np.asarray(ids[covered:-1])[:, None],
-                                      np.asarray(ids[covered + 1:])[:, None], last_stream, seq_len)
-        total_nats += tail_nats
+    with model.frozen_weights():
+        total_nats, state = _score_streams(model, inputs, targets, model.zero_state(streams), seq_len)
+        if covered < predictions:
+            h, c = state
+            last_stream = (np.ascontiguousarray(h[:, -1:]), np.ascontiguousarray(c[:, -1:]))
+            tail_nats, _ = _score_streams(model, np.asarray(ids[covered:-1])[:, None],
+                                          np.asarray(ids[covered + 1:])[:, None], last_stream, seq_len)
+            total_nats += tail_nats
     loss = total_nats / predictions
     return EvalResult(
         loss=loss,

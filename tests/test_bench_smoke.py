@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -67,10 +68,18 @@ def test_interleaving_alternates_order_and_discards_warmup():
             calls.append(self.library)
             return self.seconds.pop(0)
 
+        @contextlib.contextmanager
+        def phase(self, task):
+            calls.append(f"{self.library} {task} phase")
+            yield
+            calls.append(f"{self.library} {task} phase ends")
+
     a = FakeRunner("charlm", [100.0, 1.0, 2.0, 3.0])
     b = FakeRunner("torch", [100.0, 5.0, 7.0, 9.0])
     medians = bench.time_interleaved([a, b], "train", reps=3, warmup=1)
-    assert calls == ["charlm", "torch", "torch", "charlm", "charlm", "torch", "torch", "charlm"]
+    assert calls == ["charlm train phase", "torch train phase",
+                     "charlm", "torch", "torch", "charlm", "charlm", "torch", "torch", "charlm",
+                     "torch train phase ends", "charlm train phase ends"]
     assert medians == {"charlm": 2.0, "torch": 7.0}
 
 

@@ -160,6 +160,27 @@ def test_windows_of_other_lengths_reuse_one_workspace_and_match_a_fresh_model():
         np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
 
 
+def test_frozen_weights_packs_once_per_workspace_and_layer0_mode():
+    # 9 rows and 4H = 128: the inference products use packed panels. "auto" uses layer 0's table for
+    # T = 9 (81 tokens >= 2V) but not for T = 2 (18 tokens), which reuses the T = 9 workspace.
+    config = ModelConfig(vocab_size=23, embed_dim=10, hidden_size=32, num_layers=2)
+    model = LSTMLanguageModel(config, seed=4)
+    ids, _, state = window(config, 9, 9, seed=8)
+    windows = (ids[:5], ids, ids[:2])  # a first workspace, a longer one replacing it, then its prefix
+
+    def fresh_logits(params, ids):
+        return LSTMLanguageModel(config, params={k: v.copy() for k, v in params.items()}).logits(ids, state)[0]
+
+    with model.frozen_weights():
+        for window_ids in windows:
+            np.testing.assert_array_equal(model.logits(window_ids, state)[0], fresh_logits(model.params, window_ids))
+        before = {name: p.copy() for name, p in model.params.items()}
+        model.params["lstm.1.w_hh"] *= 0.5  # not seen inside the block: the packed copy is reused
+        np.testing.assert_array_equal(model.logits(ids, state)[0], fresh_logits(before, ids))
+    for window_ids in windows:
+        np.testing.assert_array_equal(model.logits(window_ids, state)[0], fresh_logits(model.params, window_ids))
+
+
 def test_step_is_log_softmax_of_logits():
     config = ModelConfig(vocab_size=19, embed_dim=5, hidden_size=9, num_layers=2, dtype="float64")
     model = LSTMLanguageModel(config, seed=2)
