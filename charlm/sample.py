@@ -104,7 +104,8 @@ def complete(model, tokenizer, text_with_blank: str, top: int = 5, beam_width: i
     before, after = text_with_blank.split(BLANK)
     suffix_ids = tokenizer.encode(after, unknown=unknown) if after else None
     search = _BlankSearch(model, tokenizer, before, suffix_ids, unknown)
-    fillers = search.run(top, beam_width)
+    with model.frozen_weights():  # one packing of the weights per beam size, not per step
+        fillers = search.run(top, beam_width)
     ranked = sorted(fillers.items(), key=lambda item: -item[1])[:top]
     return [Completion(text=word, prob=prob) for word, prob in ranked]
 
