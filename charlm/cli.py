@@ -24,7 +24,7 @@ from charlm.optim import SCHEDULES
 from charlm.sample import complete as complete_blank
 from charlm.sample import generate_text, validate_sampling
 from charlm.train import (DEFAULT_TIME_BUDGET_MINUTES, ENCODING_ERRORS, TOKENIZERS, TrainConfig, load_recipe,
-                          merge_options, saved_train_config)
+                          merge_options, option_default, saved_train_config)
 from charlm.train import train as run_training
 
 UNKNOWN_POLICIES = ("error", "replace")
@@ -64,11 +64,6 @@ def cli() -> None:
     """CPU-first LSTM language models: train, sample, fill in blanks, evaluate."""
 
 
-def _default(field: str):
-    """TrainConfig's default for `field`, so the help text cannot drift from the code."""
-    return TrainConfig.__dataclass_fields__[field].default
-
-
 # Flag name -> TrainConfig field for the options whose names differ.
 TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "embed_dim", "warmup": "warmup_steps"}
 
@@ -78,49 +73,49 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
               help="TOML recipe (e.g. configs/tinyshakespeare.toml); flags override it.")
 @click.option("--corpus", help="Registered corpus name or a path to a text file or folder.")
 @click.option("--out", help="Run folder for last/, best/ and metrics.jsonl.")
-@click.option("--tokenizer", type=click.Choice(TOKENIZERS), help=f"Token unit [default: {_default('tokenizer')}].")
+@click.option("--tokenizer", type=click.Choice(TOKENIZERS), help=f"Token unit [default: {option_default('tokenizer')}].")
 @click.option("--vocab-size", type=int, help="Vocabulary size: a cap for char/word, the target for bpe.")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS),
-              help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {_default('encoding_errors')}].")
+              help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {option_default('encoding_errors')}].")
 @click.option("--valid-fraction", type=float,
               help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
-@click.option("--layers", type=int, help=f"LSTM layers [default: {_default('num_layers')}].")
-@click.option("--hidden", type=int, help=f"Hidden units per layer [default: {_default('hidden_size')}].")
-@click.option("--embed", type=int, help=f"Embedding size [default: {_default('embed_dim')}].")
-@click.option("--dropout", type=float, help=f"Dropout probability [default: {_default('dropout')}].")
+@click.option("--layers", type=int, help=f"LSTM layers [default: {option_default('num_layers')}].")
+@click.option("--hidden", type=int, help=f"Hidden units per layer [default: {option_default('hidden_size')}].")
+@click.option("--embed", type=int, help=f"Embedding size [default: {option_default('embed_dim')}].")
+@click.option("--dropout", type=float, help=f"Dropout probability [default: {option_default('dropout')}].")
 @click.option("--locked-dropout/--per-step-dropout", default=None,
               help="One dropout mask per window (AWD-LSTM) or a fresh one every step [default: locked].")
 @click.option("--weight-drop", type=float,
-              help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {_default('weight_drop')}].")
+              help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {option_default('weight_drop')}].")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]),
-              help=f"Parameter dtype [default: {_default('dtype')}].")
-@click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {_default('seq_len')}].")
-@click.option("--batch-size", type=int, help=f"Parallel streams B [default: {_default('batch_size')}].")
+              help=f"Parameter dtype [default: {option_default('dtype')}].")
+@click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {option_default('seq_len')}].")
+@click.option("--batch-size", type=int, help=f"Parallel streams B [default: {option_default('batch_size')}].")
 @click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T.")
 @click.option("--window-sampling", type=click.Choice(SAMPLINGS),
               help="B contiguous streams with the state carried, or rows at random places from a zero state "
-                   f"[default: {_default('window_sampling')}].")
-@click.option("--lr", type=float, help=f"Peak learning rate [default: {_default('lr'):g}].")
+                   f"[default: {option_default('window_sampling')}].")
+@click.option("--lr", type=float, help=f"Peak learning rate [default: {option_default('lr'):g}].")
 @click.option("--weight-decay", type=float,
-              help=f"AdamW decoupled weight decay on matrices [default: {_default('weight_decay'):g}].")
-@click.option("--clip", type=float, help=f"Global gradient-norm clip, 0 = off [default: {_default('clip'):g}].")
+              help=f"AdamW decoupled weight decay on matrices [default: {option_default('weight_decay'):g}].")
+@click.option("--clip", type=float, help=f"Global gradient-norm clip, 0 = off [default: {option_default('clip'):g}].")
 @click.option("--ema-decay", type=float,
               help="Validate and save an exponential moving average of the weights with this decay (e.g. 0.995), "
-                   f"0 = off [default: {_default('ema_decay'):g}].")
-@click.option("--warmup", type=int, help=f"Linear warm-up steps [default: {_default('warmup_steps')}].")
+                   f"0 = off [default: {option_default('ema_decay'):g}].")
+@click.option("--warmup", type=int, help=f"Linear warm-up steps [default: {option_default('warmup_steps')}].")
 @click.option("--schedule", type=click.Choice(SCHEDULES),
-              help=f"Decay after warm-up [default: {_default('schedule')}].")
+              help=f"Decay after warm-up [default: {option_default('schedule')}].")
 @click.option("--epochs", type=int, help="Stop after this many passes over the training split.")
 @click.option("--max-steps", type=int, help="Stop after this many steps.")
 @click.option("--time-budget", type=float, metavar="MIN",
               help=f"Stop cleanly after MIN minutes [default without a stop flag: {DEFAULT_TIME_BUDGET_MINUTES:g}].")
-@click.option("--eval-every", type=int, help=f"Validate every N steps [default: {_default('eval_every')}].")
+@click.option("--eval-every", type=int, help=f"Validate every N steps [default: {option_default('eval_every')}].")
 @click.option("--checkpoint-every", type=int,
-              help=f"Save last/ every N steps [default: {_default('checkpoint_every')}].")
+              help=f"Save last/ every N steps [default: {option_default('checkpoint_every')}].")
 @click.option("--log-every", type=int,
-              help=f"Write a train line to metrics.jsonl every N steps [default: {_default('log_every')}].")
-@click.option("--seed", type=int, help=f"Seed for weights, dropout and data order [default: {_default('seed')}].")
+              help=f"Write a train line to metrics.jsonl every N steps [default: {option_default('log_every')}].")
+@click.option("--seed", type=int, help=f"Seed for weights, dropout and data order [default: {option_default('seed')}].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--force", is_flag=True, help="Replace a run already in --out.")
 def train(config_file, resume, force, **flags) -> None:

@@ -293,6 +293,15 @@ def project_rows(x, w, panels, bias, out, lo, hi):
         _add_row_products(x, w, panels, out, start, stop)
 
 
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _table_rows(table, ids, bias, out, lo, hi):
+    """out[b] = table[ids[b]] + bias for the rows b in [lo, hi): layer 0's input projections from its table."""
+    for b in range(lo, hi):
+        row, proj = out[b], table[ids[b]]
+        for j in range(row.shape[0]):
+            row[j] = proj[j] + bias[j]
+
+
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, c, tanh_c, lo, hi):
     """One layer's whole time loop over a window, for the batch rows [lo, hi) (a thread's share).
@@ -302,14 +311,9 @@ def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, 
     Per step: pre-activations = projection + h_{t-1} @ W_hhᵀ (w_hh_panels: W_hh packed, see
     `_add_row_products`), then the gate nonlinearities and the cell update. h, c: (T+1, B, H) with the
     initial state in h[0], c[0]; tanh_c: (T, B, H)."""
-    steps, four_h = acts.shape[0], acts.shape[2]
-    for t in range(steps):
+    for t in range(acts.shape[0]):
         if use_table:
-            for b in range(lo, hi):
-                row = acts[t, b]
-                proj = table[ids[t, b]]
-                for j in range(four_h):
-                    row[j] = proj[j] + bias[j]
+            _table_rows(table, ids[t], bias, acts[t], lo, hi)
         _add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi)
         for b in range(lo, hi):
             _activate_gates(acts[t, b])
@@ -327,22 +331,16 @@ def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_
     Layer 0's pre-activations come as in `lstm_layer_forward` (acts0 with the bias in, or with `use_table`
     rows of table plus bias). w_ih, w_ih_panels, w_hh, w_hh_panels, biases, h, c: tuples with one entry per
     layer (w_ih[0] and its panels unused); h, c: (T+1, B, H) each, the initial state in [0]; tanh_c: (B, H)."""
-    steps = ids.shape[0]
-    for t in range(steps):
+    for t in range(ids.shape[0]):
         for layer in range(len(w_hh)):
-            bias = biases[layer]
-            for b in range(lo, hi):
-                row = gates[b]
-                if layer > 0:
-                    row[:] = bias
-                elif use_table:
-                    proj = table[ids[t, b]]
-                    for j in range(row.shape[0]):
-                        row[j] = proj[j] + bias[j]
-                else:
-                    row[:] = acts0[t, b]
             if layer > 0:
+                for b in range(lo, hi):
+                    gates[b, :] = biases[layer]
                 _add_row_products(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], gates, lo, hi)
+            elif use_table:
+                _table_rows(table, ids[t], biases[0], gates, lo, hi)
+            else:
+                gates[lo:hi] = acts0[t, lo:hi]
             _add_row_products(h[layer][t], w_hh[layer], w_hh_panels[layer], gates, lo, hi)
             h_layer, c_layer = h[layer], c[layer]
             for b in range(lo, hi):
@@ -649,6 +647,18 @@ def _flat_groups(groups, caller: str) -> list[list[np.ndarray]]:
     return [[a.reshape(-1) for a in arrays] for arrays in groups]
 
 
+def _over_pieces(flats: list[list[np.ndarray]], work) -> list:
+    """work(index, slices) for every piece (see `_pieces`) of the groups of flat arrays laid end to end, the
+    slices being the same stretch of each of group `index`'s arrays; one parallel pass, results in order."""
+    sizes = [arrays[0].size for arrays in flats]
+
+    def chunk(lo: int, hi: int) -> list:
+        return [work(index, [a[start:stop] for a in flats[index]]) for index, start, stop in _pieces(sizes, lo, hi)]
+
+    return [result for results in parallel_chunks(sum(sizes), chunk, min_chunk=_MIN_ELEMENTWISE_CHUNK)
+            for result in results]
+
+
 def adamw_update(groups, lr, beta1, beta2, eps, step) -> None:
     """AdamW in place on every (param, grad, m, v, weight_decay) of groups: decoupled weight decay
     (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
@@ -656,14 +666,8 @@ def adamw_update(groups, lr, beta1, beta2, eps, step) -> None:
     Each group's arrays: same shape and dtype, C-contiguous (updated through flat views)."""
     flats = _flat_groups([arrays for *arrays, _ in groups], "adamw_update")
     decays = [float(weight_decay) for *_, weight_decay in groups]
-    sizes = [arrays[0].size for arrays in flats]
     scalars = (float(lr), float(beta1), float(beta2), float(eps))
-
-    def update(lo: int, hi: int) -> None:
-        for index, start, stop in _pieces(sizes, lo, hi):
-            _adamw_kernel(*(a[start:stop] for a in flats[index]), *scalars, decays[index], int(step))
-
-    parallel_chunks(sum(sizes), update, min_chunk=_MIN_ELEMENTWISE_CHUNK)
+    _over_pieces(flats, lambda index, arrays: _adamw_kernel(*arrays, *scalars, decays[index], int(step)))
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
@@ -675,14 +679,8 @@ def _moving_average_kernel(average, value, weight):
 
 def moving_average_update(pairs, weight: float) -> None:
     """average += weight * (value - average) for every (average, value) of pairs, in one parallel pass."""
-    flats = _flat_groups(pairs, "moving_average_update")
-    sizes = [average.size for average, _ in flats]
-
-    def update(lo: int, hi: int) -> None:
-        for index, start, stop in _pieces(sizes, lo, hi):
-            _moving_average_kernel(flats[index][0][start:stop], flats[index][1][start:stop], float(weight))
-
-    parallel_chunks(sum(sizes), update, min_chunk=_MIN_ELEMENTWISE_CHUNK)
+    _over_pieces(_flat_groups(pairs, "moving_average_update"),
+                 lambda index, arrays: _moving_average_kernel(*arrays, float(weight)))
 
 
 # splitmix64 (Steele, Lea & Flood 2014): a counter hashed by these steps is a well-tested random stream, and
@@ -728,10 +726,5 @@ def _sum_of_squares_kernel(flat):
 
 def sum_of_squares(arrays) -> float:
     """Σ x² over all the arrays, accumulated in float64 (for global-norm gradient clipping)."""
-    flats = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
-    sizes = [flat.size for flat in flats]
-
-    def partial_sum(lo: int, hi: int) -> float:
-        return sum(_sum_of_squares_kernel(flats[index][start:stop]) for index, start, stop in _pieces(sizes, lo, hi))
-
-    return float(sum(parallel_chunks(sum(sizes), partial_sum, min_chunk=_MIN_ELEMENTWISE_CHUNK)))
+    flats = [[np.ascontiguousarray(a).reshape(-1)] for a in arrays]
+    return float(sum(_over_pieces(flats, lambda index, pieces: _sum_of_squares_kernel(pieces[0]))))

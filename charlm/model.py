@@ -272,12 +272,12 @@ class LSTMLanguageModel:
         The time loop runs on the threads' shares of the batch rows, which stay independent for all T:
         in training a layer at a time (backward needs every layer's activations), in inference all layers
         at once (`kernels.lstm_stack_forward`)."""
+        if not ws.train:
+            return self._run_stack(ws, ids, h0, c0, recurrent, use_table)
         steps, batch = ids.shape
         n_tokens = steps * batch
         hidden = self.config.hidden_size
         params = self.params
-        if not ws.train:
-            return self._run_stack(ws, ids, h0, c0, recurrent, use_table)
         for layer in range(self.config.num_layers):
             w_hh = recurrent[layer]
             w_ih = params[f"lstm.{layer}.w_ih"]

@@ -61,6 +61,11 @@ class TrainingDiverged(CharlmError):
     """The loss or the gradients stayed non-finite: continuing would only burn time."""
 
 
+def option_default(field: str):
+    """TrainConfig's default for `field` (for help texts, and for settings older checkpoints lack)."""
+    return TrainConfig.__dataclass_fields__[field].default
+
+
 def flag(field: str) -> str:
     """The command-line spelling of a TrainConfig field, for error messages."""
     return "--" + FLAG_NAMES.get(field, field).replace("_", "-")
@@ -310,7 +315,7 @@ def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
     if saved is None:
         raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
     # A setting missing from an older checkpoint had its default then (say ema_decay: no average).
-    before = {name: saved.get(name, TrainConfig.__dataclass_fields__[name].default) for name in FROZEN_ON_RESUME}
+    before = {name: saved.get(name, option_default(name)) for name in FROZEN_ON_RESUME}
     changed = [name for name in FROZEN_ON_RESUME if before[name] != getattr(config, name)]
     if changed:
         details = ", ".join(f"{flag(n)} {before[n]!r} -> {getattr(config, n)!r}" for n in changed)
