@@ -10,11 +10,11 @@ products are left to BLAS (numpy.matmul into preallocated buffers).
 
 from __future__ import annotations
 
-from types import FunctionType
+import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -25,8 +25,6 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # Numba's default Python error model checks every float division for zero and raises: that branch keeps a
 # loop scalar. With numpy's (x/0 = inf, as IEEE) the rational tanh's divide vectorises.
 ERROR_MODEL = "numpy"
-# A decoder with at most this many weights is quicker on one thread than with a thread meeting (batch 1).
-_SERIAL_DECODER_WEIGHTS = 1 << 16
 # The recurrent products' register tile: TILE_ROWS batch rows × TILE_PANELS panels of one 64-byte vector
 # of columns each: 16 accumulators, half of the 32 vector registers of AVX-512.
 TILE_ROWS = 8
@@ -536,81 +534,162 @@ def _add_matvec_block(x, w, panels, out, start, stop):
             sums[j] += _dot(w[j], row)
 
 
-def _generate_tokens(token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels,
-                     temperature, top_k, top_p, uniforms, tokens, gates, c_next, tanh_c, logits, probs):
+_MEETING_STRIDE = 8  # int64 counters 64 bytes apart, so each thread's counter has a cache line of its own
+# A waiting thread pauses this many times (~20 µs) before it starts yielding its core at every turn.
+_SPINS_BEFORE_YIELD = 1 << 10
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@intrinsic
+def _publish(typingctx, counters, index, value):
+    """counters[index] = value as a release store: a thread that reads the new value (`_observe`) also sees
+    every write made before it."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        builder.store_atomic(args[2], builder.gep(array.data, [args[1]]), ordering="release", align=8)
+        return context.get_dummy_value()
+
+    return types.void(counters, types.intp, types.int64), codegen
+
+
+@intrinsic
+def _observe(typingctx, counters, index):
+    """counters[index] as an acquire load (see `_publish`), read afresh on every call."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(array.data, [args[1]]), ordering="acquire", align=8)
+
+    return types.int64(counters, types.intp), codegen
+
+
+@intrinsic
+def _wait_a_little(typingctx, spins):
+    """One turn of a spin-wait: the CPU's pause hint while spins < _SPINS_BEFORE_YIELD, then sched_yield, so
+    that a waiting thread which shares its core with the one it waits for hands the core over."""
+    if not isinstance(spins, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        module = builder.module
+        short = builder.icmp_signed("<", args[0], ir.Constant(args[0].type, _SPINS_BEFORE_YIELD))
+        with builder.if_else(short) as (then, otherwise):
+            with then:
+                if _X86:
+                    builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), []),
+                                                                "llvm.x86.sse2.pause"), [])
+            with otherwise:
+                builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.IntType(32), []),
+                                                            "sched_yield"), [])
+        return context.get_dummy_value()
+
+    return types.void(spins), codegen
+
+
+def meeting_counters(n_parts: int) -> np.ndarray:
+    """Zeroed counters for `_meet` among n_parts threads: one per 64-byte line, so no thread's spinning reads
+    the line another writes."""
+    return np.zeros(n_parts * _MEETING_STRIDE, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _meet(meetings, part, n_parts):
+    """Barrier of the n_parts threads of one generation call: each counts its arrivals in its own slot of
+    meetings (`meeting_counters`, zero on entry to the call) and waits until every other has arrived as often.
+    A spinning wait, as the threads meet every few microseconds: a sleeping one would take longer to wake."""
+    if n_parts == 1:
+        return
+    arrived = meetings[part * _MEETING_STRIDE] + 1
+    _publish(meetings, part * _MEETING_STRIDE, arrived)
+    for other in range(n_parts):
+        spins = 0
+        while _observe(meetings, other * _MEETING_STRIDE) < arrived:
+            _wait_a_little(spins)
+            spins += 1
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _activate_rows(gates, start, stop):
+    """`_activate_gates` for the rows [start, stop) of one (4H,) row of pre-activations only."""
+    hidden = gates.shape[0] // 4
+    for lo, hi, squash in ((0, 2 * hidden, True), (2 * hidden, 3 * hidden, False), (3 * hidden, 4 * hidden, True)):
+        piece = gates[max(lo, start):min(hi, stop)]
+        if squash:
+            for j in range(piece.shape[0]):
+                piece[j] = _sigmoid(piece[j])
+        else:
+            for j in range(piece.shape[0]):
+                piece[j] = _tanh(piece[j])
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def generate_tokens(part, n_parts, meetings, token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels,
+                    temperature, top_k, top_p, uniforms, tokens, gates, logits, c_next, tanh_c, probs):
     """Batch-1 streaming generation of len(uniforms) tokens after `token`, written to `tokens`: each step
     feeds the last token through all layers, the decoder and the sampler (one uniform number each).
 
-    h, c: (L, H) state, updated in place. embedding: (V, E). table0: (V, 4H) precomputed embedding @ W_ih0ᵀ,
-    or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh, bias: tuples of the L layers' arrays
-    ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). panels: (w_ih, w_hh, decoder) packed for
-    `_add_matvec_block` (N, K, block): blocks of `block` outputs. Workspaces: gates (L, 4H), c_next and
-    tanh_c (H,), logits (1, V), probs (V,) float64. Sampling as in `_sample`.
+    Run by n_parts threads at once, this one being `part` (0 alone writes `tokens`): at batch 1 the
+    matrix-vector products stream every weight from cache or memory once per token, so each thread takes
+    its share of every matrix's blocks of outputs (and activates its gates), and the threads meet
+    (`_meet`, on `meetings`) after each layer and after the decoder: L + 1 meetings a token. Each thread
+    then updates the whole cell and samples on its own, with the same numbers, so they agree on the state
+    and the token without passing them on, and the tokens do not depend on n_parts.
 
-    At batch 1 the matrix-vector products stream every weight from cache once per token, so the threads
-    split their blocks. Every parallel region is a meeting of the threads, so there are as few as the data
-    flow allows: one for all that the old state determines (every layer's h_prev @ W_hhᵀ and layer 0's
-    input), one per further layer, and one for a large decoder. Several tokens per call: calling a compiled
-    function with this many arguments costs ~4 µs, 8 % of a char-256 step.
+    Shared by the threads: gates (L, 4H), logits (1, V). Each thread's own: h, c (L, H), the state, updated
+    in place (equal in all threads); c_next and tanh_c (H,); probs (V,) float64. embedding: (V, E).
+    table0: (V, 4H) precomputed embedding @ W_ih0ᵀ, or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh,
+    bias: tuples of the L layers' arrays ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). panels:
+    (w_ih, w_hh, decoder) packed for `_add_matvec_block` (N, K, block). Sampling as in `_sample`.
+    Several tokens per call: calling a compiled function with this many arguments costs ~4 µs.
     """
     w_ih_panels, w_hh_panels, dec_panels = panels
     block = dec_panels.shape[2]
     n_layers, hidden = h.shape
     four_h = 4 * hidden
     blocks = (four_h + block - 1) // block
-    use_table = table0.shape[0] > 0
     vocab = dec_w.shape[0]
     vocab_blocks = (vocab + block - 1) // block
-    top = h[n_layers - 1:]
+    rows_lo = min(part * blocks // n_parts * block, four_h)
+    rows_hi = min((part + 1) * blocks // n_parts * block, four_h)
+    vocab_lo = min(part * vocab_blocks // n_parts * block, vocab)
+    vocab_hi = min((part + 1) * vocab_blocks // n_parts * block, vocab)
+    use_table = table0.shape[0] > 0
     for i in range(uniforms.shape[0]):
-        for job in prange(n_layers * blocks):
-            layer = job // blocks
-            start = (job - layer * blocks) * block
-            stop = min(start + block, four_h)
+        # What the old state determines: every layer's bias + h_prev @ W_hhᵀ, and layer 0's input.
+        for layer in range(n_layers):
             layer_gates = gates[layer:layer + 1]
-            for j in range(start, stop):
-                layer_gates[0, j] = bias[layer][j]
+            layer_gates[0, rows_lo:rows_hi] = bias[layer][rows_lo:rows_hi]
             if layer == 0:
                 if use_table:
-                    for j in range(start, stop):
-                        layer_gates[0, j] += table0[token, j]
+                    layer_gates[0, rows_lo:rows_hi] += table0[token, rows_lo:rows_hi]
                 else:
-                    _add_matvec_block(embedding[token:token + 1], w_ih[0], w_ih_panels[0], layer_gates, start, stop)
-            _add_matvec_block(h[layer:layer + 1], w_hh[layer], w_hh_panels[layer], layer_gates, start, stop)
+                    for start in range(rows_lo, rows_hi, block):
+                        _add_matvec_block(embedding[token:token + 1], w_ih[0], w_ih_panels[0], layer_gates, start,
+                                          min(start + block, rows_hi))
+            for start in range(rows_lo, rows_hi, block):
+                _add_matvec_block(h[layer:layer + 1], w_hh[layer], w_hh_panels[layer], layer_gates, start,
+                                  min(start + block, rows_hi))
         for layer in range(n_layers):
             if layer > 0:
-                for job in prange(blocks):
-                    start = job * block
+                for start in range(rows_lo, rows_hi, block):
                     _add_matvec_block(h[layer - 1:layer], w_ih[layer], w_ih_panels[layer], gates[layer:layer + 1],
-                                      start, min(start + block, four_h))
-            _activate_gates(gates[layer])
+                                      start, min(start + block, rows_hi))
+            _activate_rows(gates[layer], rows_lo, rows_hi)
+            _meet(meetings, part, n_parts)
             _cell_update(gates[layer], c[layer], c_next, h[layer], tanh_c)
             c[layer] = c_next
-        logits[0, :] = dec_b
-        if vocab * hidden <= _SERIAL_DECODER_WEIGHTS:
-            for job in range(vocab_blocks):
-                _add_matvec_block(top, dec_w, dec_panels, logits, job * block, min(job * block + block, vocab))
-        else:
-            for job in prange(vocab_blocks):
-                _add_matvec_block(top, dec_w, dec_panels, logits, job * block, min(job * block + block, vocab))
+        logits[0, vocab_lo:vocab_hi] = dec_b[vocab_lo:vocab_hi]
+        for start in range(vocab_lo, vocab_hi, block):
+            _add_matvec_block(h[n_layers - 1:], dec_w, dec_panels, logits, start, min(start + block, vocab_hi))
+        _meet(meetings, part, n_parts)
         token = _sample(logits[0], temperature, top_k, top_p, uniforms[i], probs)
-        tokens[i] = token
-
-
-def _compile_generation(parallel: bool):
-    """`_generate_tokens` compiled with threads (prange) or without: on one thread the serial build is ~12 %
-    faster per char-256 token, as every parallel region calls into Numba's thread pool even then. Each build
-    is a copy of the function under its own name, so each has its own on-disk cache entry (Numba's cache key
-    ignores `parallel`: one name would load the other build)."""
-    name = "generate_tokens" if parallel else "generate_tokens_serial"
-    function = FunctionType(_generate_tokens.__code__, _generate_tokens.__globals__, name)
-    function.__qualname__ = name
-    function.__doc__ = _generate_tokens.__doc__
-    return njit(cache=True, fastmath=FASTMATH, parallel=parallel, error_model=ERROR_MODEL)(function)
-
-
-generate_tokens = _compile_generation(parallel=True)
-generate_tokens_serial = _compile_generation(parallel=False)
+        if part == 0:
+            tokens[i] = token
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)  # vectorised: 6x quicker

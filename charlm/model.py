@@ -13,25 +13,28 @@ Threads split the batch rows for the time loops and the rows of every large GEMM
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numba
 import numpy as np
 
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.runtime import (ensure_threads_limited, others_keep_cores_busy, parallel_chunks, parallel_matmul,
-                            single_threaded_blas)
+                            single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
-# Batch-1 generation reading at most this many weight bytes per token runs on one thread: one core streams
-# them about as fast as two, and a second thread costs a meeting per layer. Measured on the 2-core Zen 4
-# machine, ms/token on 1 vs 2 threads: char-256 (3 MB) 0.13 vs 0.21, char-512 (12 MB) 0.33 vs 0.43, bpe-512
-# (30 MB) 1.06 vs 0.69. Larger models use the threads only on an otherwise idle machine (under load a
-# meeting waits for a descheduled thread).
-SERIAL_GENERATION_BYTES = 16 << 20
+# Batch-1 generation splits each token's products across the threads when a token reads at least this many
+# weight bytes (about one core's L2): below it one core streams them about as fast as two, and the threads'
+# meetings (L + 1 a token) cost more than they save. Measured on the 2-core Zen 4 machine, µs/token on 1 vs 2
+# threads: V=65 2x64 3.8 vs 7.1, 2x128 (0.8 MB) 11.3 vs 10.5, 2x192 (1.8 MB) 24.3 vs 17.8, char-256 (3 MB)
+# 41.8 vs 27.6, char-512 (12 MB) 171 vs 89.
+PARALLEL_GENERATION_BYTES = 1 << 20
+# While generating on several threads, how often (seconds) to check that no other process has come to share
+# the cores: a meeting then waits for a descheduled thread (char-256 tokens ~3x slower than on one thread).
+LOAD_CHECK_SECONDS = 0.25
 # Tokens sampled per compiled call after the first: the call's own cost (~4 us with 21 arguments to
 # type-check; 8 % of a char-256 token) is then paid once per chunk, and a chunk of a large model still
 # arrives within a blink (16 x ~0.5 ms on bpe-512).
@@ -547,24 +550,36 @@ class LSTMLanguageModel:
         weights = self._generation_weights(max_new_tokens)
         hidden, vocab = self.config.hidden_size, self.config.vocab_size
         gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
-        c_next = np.empty(hidden, self._dtype)
-        tanh_c = np.empty(hidden, self._dtype)
         logits = np.empty((1, vocab), self._dtype)
-        probs = np.empty(vocab, np.float64)
         tokens = np.empty(GENERATION_CHUNK, np.int64)
+        threads = thread_count() if self._generation_bytes(weights) >= PARALLEL_GENERATION_BYTES else 1
+        meetings = kernels.meeting_counters(threads)
+        # Each thread's own state and scratch; the first thread's state is the caller's h, c.
+        own = [((h, c) if part == 0 else (h.copy(), c.copy()))
+               + (np.empty(hidden, self._dtype), np.empty(hidden, self._dtype), np.empty(vocab, np.float64))
+               for part in range(threads)]
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
-        one_thread = (numba.get_num_threads() == 1 or self._generation_bytes(weights) <= SERIAL_GENERATION_BYTES
-                      or others_keep_cores_busy())
-        generate_tokens = kernels.generate_tokens_serial if one_thread else kernels.generate_tokens
+        n_parts, next_load_check = 1, 0.0
+
+        def sample(part: int, _: int) -> None:
+            h_part, c_part, c_next, tanh_c, probs = own[part]
+            kernels.generate_tokens(part, n_parts, meetings, token, h_part, c_part, *weights, temperature, top_k, top_p,
+                                    uniforms, tokens, gates, logits, c_next, tanh_c, probs)
+
         done = 0
         while done < max_new_tokens:
+            if threads > 1 and time.perf_counter() >= next_load_check:
+                n_parts = 1 if others_keep_cores_busy() else threads
+                next_load_check = time.perf_counter() + LOAD_CHECK_SECONDS
+            for h_part, c_part, *_ in own[1:n_parts]:
+                h_part[...], c_part[...] = h, c
+            meetings[:] = 0
             # The first token alone, so it streams out as soon as the prompt is read.
             count = min(GENERATION_CHUNK if done else 1, max_new_tokens - done)
             done += count
             uniforms = rng.random(count)  # the same numbers as `count` single draws: chunking never changes text
-            generate_tokens(token, h, c, *weights, temperature, top_k, top_p, uniforms, tokens,
-                            gates, c_next, tanh_c, logits, probs)
+            parallel_chunks(n_parts, sample)  # one thread per part
             token = int(tokens[count - 1])
             yield from tokens[:count].tolist()
 
@@ -581,7 +596,11 @@ class LSTMLanguageModel:
         params, layers = self.params, range(self.config.num_layers)
         use_table = self.config.vocab_size <= max_new_tokens
         if use_table:
-            table = params["embedding"] @ params["lstm.0.w_ih"].T
+            # On this model's threads: a multi-threaded BLAS call would leave OpenBLAS's threads spinning for
+            # ~0.1 s, taking a core from the generation threads (2-thread char-256 tokens 29 -> 60-120 µs).
+            table = np.empty((self.config.vocab_size, 4 * self.config.hidden_size), self._dtype)
+            with single_threaded_blas():
+                parallel_matmul(params["embedding"], params["lstm.0.w_ih"].T, table)
         else:
             table = np.zeros((0, 4 * self.config.hidden_size), self._dtype)
         w_ih = tuple(params[f"lstm.{layer}.w_ih"] for layer in layers)

@@ -48,6 +48,12 @@ def limit_threads(n: int | None = None) -> int:
     return n
 
 
+def thread_count() -> int:
+    """Threads the model may use: `parallel_chunks` runs that many chunks at once."""
+    ensure_threads_limited()
+    return _threads
+
+
 def others_keep_cores_busy() -> bool:
     """Whether other work leaves fewer idle cores than the threads the model may use. Code that meets its
     threads many times per second should then run on one thread: every meeting waits for a descheduled

@@ -168,11 +168,10 @@ def test_embedding_forward_and_backward_with_repeated_ids():
     np.testing.assert_allclose(split, expected, rtol=1e-13)
 
 
-@pytest.fixture(scope="module", params=["small_vocab", "table", "parallel_decoder_three_layers", "float32_blocks"])
+@pytest.fixture(scope="module", params=["small_vocab", "table", "three_layers_decoder_blocks", "float32_blocks"])
 def model(request):
-    if request.param == "parallel_decoder_three_layers":  # decoder above kernels._SERIAL_DECODER_WEIGHTS
+    if request.param == "three_layers_decoder_blocks":  # decoder and gates over several blocks (and a partial one)
         config = ModelConfig(vocab_size=300, embed_dim=6, hidden_size=240, num_layers=3, dtype="float64")
-        assert config.vocab_size * config.hidden_size > kernels._SERIAL_DECODER_WEIGHTS
     elif request.param == "float32_blocks":  # whole blocks of panels (and the decoder's leftover rows)
         config = ModelConfig(vocab_size=300, embed_dim=6, hidden_size=64, num_layers=2)
     else:
@@ -182,6 +181,18 @@ def model(request):
         value *= 4.0  # sharper distributions, so the sampling tests restrict something
     model.generation_tokens = 20 if request.param == "table" else 5
     return model
+
+
+@pytest.fixture(params=["one_thread", "all_threads"])
+def generation_threads(request, monkeypatch):
+    """Every generation test on one thread and with each token's products split across all the threads (the
+    test models are below the size at which generation would choose that itself)."""
+    if request.param == "all_threads":
+        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
+        monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
+    else:
+        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 1 << 62)
+    return request.param
 
 
 def replay(model, prompt, generated):
@@ -197,7 +208,7 @@ def replay(model, prompt, generated):
     return np.array(out)
 
 
-def test_greedy_generation_is_argmax_of_step(model):
+def test_greedy_generation_is_argmax_of_step(model, generation_threads):
     prompt = [1, 5, 2]
     generated = list(model.generate_ids(prompt, model.generation_tokens, temperature=0.0))
     assert len(generated) == model.generation_tokens
@@ -207,13 +218,13 @@ def test_greedy_generation_is_argmax_of_step(model):
     assert list(model.generate_ids(prompt, model.generation_tokens, temperature=1e-45, seed=3)) == generated
 
 
-def test_same_seed_same_tokens(model):
+def test_same_seed_same_tokens(model, generation_threads):
     run = lambda seed: list(model.generate_ids([4], model.generation_tokens, temperature=1.0, seed=seed))
     assert run(7) == run(7)
     assert any(run(7) != run(seed) for seed in range(8, 12))
 
 
-def test_top_k_and_top_p_restrict_the_support(model):
+def test_top_k_and_top_p_restrict_the_support(model, generation_threads):
     prompt = [0, 3]
     for seed in range(4):
         generated = list(model.generate_ids(prompt, model.generation_tokens, top_k=3, seed=seed))
@@ -257,28 +268,25 @@ def test_haswell_openblas_kernels_only_on_amd_avx2_and_never_over_the_user():
 def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
     model = LSTMLanguageModel(config, seed=2)
-    monkeypatch.setattr(charlm.model, "SERIAL_GENERATION_BYTES", 0)
-    builds_used = []
+    monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
+    monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", 0.0)  # judge the load before every chunk
+    compiled, parts_used = kernels.generate_tokens, []
 
-    def spy(build):
-        compiled = getattr(kernels, build)
+    def spy(part, n_parts, *args):
+        if part == 0:
+            parts_used.append(n_parts)
+        compiled(part, n_parts, *args)
 
-        def call(*args):
-            builds_used.append(build)
-            compiled(*args)
-
-        monkeypatch.setattr(kernels, build, call)
-
-    spy("generate_tokens")
-    spy("generate_tokens_serial")
+    monkeypatch.setattr(kernels, "generate_tokens", spy)
     runs = []
-    for busy in (True, False):
-        monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda busy=busy: busy)
-        runs.append(list(model.generate_ids([3, 1], 30, temperature=1.0, seed=5)))
-    assert runs[0] == runs[1]
-    assert builds_used[0] == "generate_tokens_serial"  # busy: one thread, the build without prange
-    if numba.get_num_threads() > 1:
-        assert builds_used[-1] == "generate_tokens"
+    for busy in ([True], [False], [False, True, True, False]):  # the last: the load comes and goes mid-text
+        loads = iter(busy * 10)
+        monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: next(loads))
+        parts_used.clear()
+        runs.append(list(model.generate_ids([3, 1], 100, temperature=1.0, seed=5)))
+        threads = charlm.runtime.thread_count()
+        assert parts_used == [1 if b else threads for b in busy * 10][:len(parts_used)]
+    assert runs[0] == runs[1] == runs[2]
     assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
 
 
