@@ -33,8 +33,10 @@ EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # 41.8 vs 27.6, char-512 (12 MB) 171 vs 89.
 PARALLEL_GENERATION_BYTES = 1 << 20
 # While generating on several threads, how often (seconds) to check that no other process has come to share
-# the cores: a meeting then waits for a descheduled thread (char-256 tokens ~3x slower than on one thread).
-LOAD_CHECK_SECONDS = 0.25
+# the cores (a meeting then waits for a descheduled thread: char-256 tokens ~3x slower than on one thread),
+# and how soon to look again after a check found one: most are gone within milliseconds (in a benchmark run
+# on the idle machine, 3 of 13 checks at the start of a char-256 text found one).
+LOAD_CHECK_SECONDS = (0.25, 0.01)
 # Tokens sampled per compiled call after the first: the call's own cost (~4 us with 21 arguments to
 # type-check; 8 % of a char-256 token) is then paid once per chunk, and a chunk of a large model still
 # arrives within a blink (16 x ~0.5 ms on bpe-512).
@@ -570,8 +572,9 @@ class LSTMLanguageModel:
         done = 0
         while done < max_new_tokens:
             if threads > 1 and time.perf_counter() >= next_load_check:
-                n_parts = 1 if others_keep_cores_busy() else threads
-                next_load_check = time.perf_counter() + LOAD_CHECK_SECONDS
+                busy = others_keep_cores_busy()
+                n_parts = 1 if busy else threads
+                next_load_check = time.perf_counter() + LOAD_CHECK_SECONDS[busy]
             for h_part, c_part, *_ in own[1:n_parts]:
                 h_part[...], c_part[...] = h, c
             meetings[:] = 0

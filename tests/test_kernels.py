@@ -269,7 +269,7 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
     model = LSTMLanguageModel(config, seed=2)
     monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
-    monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", 0.0)  # judge the load before every chunk
+    monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (0.0, 0.0))  # judge the load before every chunk
     compiled, parts_used = kernels.generate_tokens, []
 
     def spy(part, n_parts, *args):
@@ -288,6 +288,13 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
         assert parts_used == [1 if b else threads for b in busy * 10][:len(parts_used)]
     assert runs[0] == runs[1] == runs[2]
     assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
+    # An idle verdict holds for a while; a busy one is looked at again at once (a zero delay here).
+    monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (1000.0, 0.0))
+    loads = iter([True, True, False, True])
+    monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: next(loads))
+    parts_used.clear()
+    assert list(model.generate_ids([3, 1], 100, temperature=1.0, seed=5)) == runs[0]
+    assert parts_used == [1, 1] + [threads] * (len(parts_used) - 2)
 
 
 def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch):
