@@ -11,6 +11,7 @@ products are left to BLAS (numpy.matmul into preallocated buffers).
 from __future__ import annotations
 
 import platform
+from contextlib import contextmanager
 
 import numpy as np
 from llvmlite import ir
@@ -535,6 +536,9 @@ def _add_matvec_block(x, w, panels, out, start, stop):
 
 
 _MEETING_STRIDE = 8  # int64 counters 64 bytes apart, so each thread's counter has a cache line of its own
+# A counter value above any count: a thread whose own counter holds it returns from every meeting, and one
+# waiting on it stops waiting (see `meetings_released_on_error`).
+_ABANDONED = 1 << 62
 # A waiting thread pauses this many times (~20 µs) before it starts yielding its core at every turn.
 _SPINS_BEFORE_YIELD = 1 << 10
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -597,6 +601,17 @@ def meeting_counters(n_parts: int) -> np.ndarray:
     return np.zeros(n_parts * _MEETING_STRIDE, np.int64)
 
 
+@contextmanager
+def meetings_released_on_error(meetings):
+    """If the body raises (a thread that never came to its meetings: Ctrl-C before the call, a failed
+    dispatch), mark every counter abandoned, so that no other thread waits for it forever; then re-raise."""
+    try:
+        yield
+    except BaseException:
+        meetings[:] = _ABANDONED
+        raise
+
+
 @njit(cache=True, nogil=True)
 def _meet(meetings, part, n_parts):
     """Barrier of the n_parts threads of one generation call: each counts its arrivals in its own slot of
@@ -604,7 +619,9 @@ def _meet(meetings, part, n_parts):
     A spinning wait, as the threads meet every few microseconds: a sleeping one would take longer to wake."""
     if n_parts == 1:
         return
-    arrived = meetings[part * _MEETING_STRIDE] + 1
+    arrived = _observe(meetings, part * _MEETING_STRIDE) + 1
+    if arrived > _ABANDONED:
+        return
     _publish(meetings, part * _MEETING_STRIDE, arrived)
     for other in range(n_parts):
         spins = 0

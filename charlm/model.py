@@ -566,8 +566,9 @@ class LSTMLanguageModel:
 
         def sample(part: int, _: int) -> None:
             h_part, c_part, c_next, tanh_c, probs = own[part]
-            kernels.generate_tokens(part, n_parts, meetings, token, h_part, c_part, *weights, temperature, top_k, top_p,
-                                    uniforms, tokens, gates, logits, c_next, tanh_c, probs)
+            with kernels.meetings_released_on_error(meetings):
+                kernels.generate_tokens(part, n_parts, meetings, token, h_part, c_part, *weights, temperature, top_k,
+                                        top_p, uniforms, tokens, gates, logits, c_next, tanh_c, probs)
 
         done = 0
         while done < max_new_tokens:
@@ -582,7 +583,8 @@ class LSTMLanguageModel:
             count = min(GENERATION_CHUNK if done else 1, max_new_tokens - done)
             done += count
             uniforms = rng.random(count)  # the same numbers as `count` single draws: chunking never changes text
-            parallel_chunks(n_parts, sample)  # one thread per part
+            with kernels.meetings_released_on_error(meetings):  # also Ctrl-C before this thread's part began
+                parallel_chunks(n_parts, sample)  # one thread per part
             token = int(tokens[count - 1])
             yield from tokens[:count].tolist()
 

@@ -335,3 +335,32 @@ def test_dropout_masks_depend_on_key_and_index_only():
     for lo, hi in ((0, 1), (1, 5000), (5000, mask.size)):
         kernels._dropout_mask_kernel(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, lo, hi)
     np.testing.assert_array_equal(pieces, mask.reshape(-1))
+
+
+@pytest.mark.parametrize("failing_part", [0, 1])
+def test_a_thread_that_never_reaches_its_meetings_does_not_hang_the_others(failing_part):
+    """Ctrl-C just before the caller's share of a chunk (part 0), or a failed call on a pool thread (part 1):
+    the exception reaches the caller and the process exits, with no thread left waiting at a meeting."""
+    script = f"""
+import charlm.model, charlm.runtime
+from charlm import kernels
+from charlm.config import ModelConfig
+from charlm.model import LSTMLanguageModel
+charlm.runtime.limit_threads(2)
+charlm.model.PARALLEL_GENERATION_BYTES = 0
+charlm.model.others_keep_cores_busy = lambda: False
+compiled = kernels.generate_tokens
+def generate_tokens(part, *args):
+    if part == {failing_part}:
+        raise KeyboardInterrupt
+    compiled(part, *args)
+kernels.generate_tokens = generate_tokens
+model = LSTMLanguageModel(ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2), seed=2)
+try:
+    list(model.generate_ids([3, 1], 40, seed=5))
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "interrupted"
