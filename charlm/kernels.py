@@ -315,7 +315,7 @@ def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, 
             _table_rows(table, ids[t], bias, acts[t], lo, hi)
         _add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi)
         for b in range(lo, hi):
-            _activate_gates(acts[t, b])
+            _activate_gates(acts[t, b], 0, acts.shape[2])
             _cell_update(acts[t, b], c[t, b], c[t + 1, b], h[t + 1, b], tanh_c[t, b])
 
 
@@ -343,24 +343,26 @@ def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_
             _add_row_products(h[layer][t], w_hh[layer], w_hh_panels[layer], gates, lo, hi)
             h_layer, c_layer = h[layer], c[layer]
             for b in range(lo, hi):
-                _activate_gates(gates[b])
+                _activate_gates(gates[b], 0, gates.shape[1])
                 _cell_update(gates[b], c_layer[t, b], c_layer[t + 1, b], h_layer[t + 1, b], tanh_c[b])
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
-def _activate_gates(gates):
-    """Pre-activations -> activations in place for one (4H,) row: sigmoid, sigmoid, tanh, sigmoid.
+def _activate_gates(gates, start, stop):
+    """Pre-activations -> activations in place for the entries [start, stop) of one (4H,) row: sigmoid,
+    sigmoid, tanh, sigmoid by block (generation's threads each take a share of the row; the time loops all).
 
     One simple pass per gate block, so LLVM vectorises each (a single loop fusing them stays scalar), each
     over a slice from 0: the output gate's loop written as range(3H, 4H) stayed scalar (9x slower)."""
     hidden = gates.shape[0] // 4
-    input_forget, cell, output = gates[:2 * hidden], gates[2 * hidden:3 * hidden], gates[3 * hidden:]
-    for j in range(input_forget.shape[0]):
-        input_forget[j] = _sigmoid(input_forget[j])
-    for j in range(cell.shape[0]):
-        cell[j] = _tanh(cell[j])
-    for j in range(output.shape[0]):
-        output[j] = _sigmoid(output[j])
+    for lo, hi, squash in ((0, 2 * hidden, True), (2 * hidden, 3 * hidden, False), (3 * hidden, 4 * hidden, True)):
+        piece = gates[max(lo, start):min(hi, stop)]
+        if squash:
+            for j in range(piece.shape[0]):
+                piece[j] = _sigmoid(piece[j])
+        else:
+            for j in range(piece.shape[0]):
+                piece[j] = _tanh(piece[j])
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
@@ -631,20 +633,6 @@ def _meet(meetings, part, n_parts):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
-def _activate_rows(gates, start, stop):
-    """`_activate_gates` for the rows [start, stop) of one (4H,) row of pre-activations only."""
-    hidden = gates.shape[0] // 4
-    for lo, hi, squash in ((0, 2 * hidden, True), (2 * hidden, 3 * hidden, False), (3 * hidden, 4 * hidden, True)):
-        piece = gates[max(lo, start):min(hi, stop)]
-        if squash:
-            for j in range(piece.shape[0]):
-                piece[j] = _sigmoid(piece[j])
-        else:
-            for j in range(piece.shape[0]):
-                piece[j] = _tanh(piece[j])
-
-
-@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def generate_tokens(part, n_parts, meetings, token, h, c, embedding, table0, w_ih, w_hh, bias, dec_w, dec_b, panels,
                     temperature, top_k, top_p, uniforms, tokens, gates, logits, c_next, tanh_c, probs):
     """Batch-1 streaming generation of len(uniforms) tokens after `token`, written to `tokens`: each step
@@ -696,7 +684,7 @@ def generate_tokens(part, n_parts, meetings, token, h, c, embedding, table0, w_i
                 for start in range(rows_lo, rows_hi, block):
                     _add_matvec_block(h[layer - 1:layer], w_ih[layer], w_ih_panels[layer], gates[layer:layer + 1],
                                       start, min(start + block, rows_hi))
-            _activate_rows(gates[layer], rows_lo, rows_hi)
+            _activate_gates(gates[layer], rows_lo, rows_hi)
             _meet(meetings, part, n_parts)
             _cell_update(gates[layer], c[layer], c_next, h[layer], tanh_c)
             c[layer] = c_next
