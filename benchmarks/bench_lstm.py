@@ -11,7 +11,9 @@ Tasks (medians of per-step times; warm-up repetitions discarded):
   generate  batch 1, one token at a time: every layer + decoder + softmax sampling, in ms/token
 
 The machine is shared and noisy, so both libraries run in the same process and take turns: each repetition
-runs one charlm step and one PyTorch step, alternating which goes first.
+runs one charlm step and one PyTorch step, alternating which goes first. Every call starts --settle seconds
+(default 0.02) after the previous one returned: PyTorch's OpenMP threads spin for ~10 ms of CPU after each
+call, and without the pause the next charlm call shared the cores with them (charlm's threads block at once).
 
 FLOP accounting (nominal dense model FLOPs, the same for both libraries):
   forward FLOPs/token = 2 * sum over layers of 4H * (In + H)  +  2 * H * V      (In = E for layer 0, else H)
@@ -301,14 +303,16 @@ def task_tokens(config: BenchConfig, task: str, gen_tokens: int) -> int:
     return gen_tokens
 
 
-def time_interleaved(runners: list, task: str, reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of `task` for each runner; each repetition alternates who goes first."""
+def time_interleaved(runners: list, task: str, reps: int, warmup: int, settle: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of `task` for each runner; each repetition alternates who goes first, and every
+    call starts `settle` seconds after the one before (see --settle)."""
     times: dict[str, list[float]] = {r.library: [] for r in runners}
     with contextlib.ExitStack() as phases:
         for runner in runners:
             phases.enter_context(runner.phase(task))
         for rep in range(warmup + reps):
             for runner in runners if rep % 2 == 0 else runners[::-1]:
+                time.sleep(settle)
                 elapsed = getattr(runner, task)()
                 if rep >= warmup:
                     times[runner.library].append(elapsed)
@@ -431,7 +435,7 @@ def benchmark_config(config: BenchConfig, args: argparse.Namespace) -> list[Task
     runners = [RUNNERS[lib](config, workload, args.dropout, args.gen_tokens) for lib in libraries]
     seconds = {}
     for task in args.tasks:
-        seconds[task] = time_interleaved(runners, task, args.reps, args.warmup)
+        seconds[task] = time_interleaved(runners, task, args.reps, args.warmup, args.settle)
         progress = ", ".join(f"{lib} {1e3 * s:.1f} ms" for lib, s in seconds[task].items())
         print(f"{config.name} {task}: median per call {progress}", file=sys.stderr, flush=True)
     del runners
@@ -468,6 +472,7 @@ def environment(args: argparse.Namespace) -> dict:
         "dropout": args.dropout,
         "reps": args.reps,
         "warmup": args.warmup,
+        "settle": args.settle,
         "gen_tokens": args.gen_tokens,
     }
     if args.vs_torch:
@@ -534,6 +539,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads for charlm, PyTorch and the GEMM peak")
     parser.add_argument("--dropout", type=float, default=0.0, help="same dropout on both sides")
     parser.add_argument("--gen-tokens", type=int, default=200, help="tokens timed per generation repetition")
+    parser.add_argument("--settle", type=float, default=0.02,
+                        help="seconds to wait before every timed call, so that it does not share the cores with "
+                             "threads still spinning after the other library's call (PyTorch's OpenMP threads "
+                             "spin ~10 ms)")
     parser.add_argument("--vs-torch", action="store_true", help="run the same models in PyTorch, interleaved")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON records")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
@@ -551,6 +560,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if not 0 <= args.settle <= 1:
+        parser.error("--settle must be between 0 and 1 seconds")
     return args
 
 
@@ -576,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"float32 GEMM peak ({'x'.join(map(str, GEMM_SHAPE))}, numpy, {args.threads} threads, median of "
           f"{len(gemm_rates)} before+after): {gemm_peak:.1f} GFLOP/s")
     print(f"dropout {args.dropout:g} on both sides; medians of {args.reps} interleaved reps after {args.warmup} "
-          f"warm-up; ratio > 1 = charlm better")
+          f"warm-up, each call {1e3 * args.settle:g} ms after the last; ratio > 1 = charlm better")
     print(format_table(records))
     if args.json:
         payload = {"environment": env, "gemm_peak_gflops": gemm_peak, "records": records}

@@ -56,7 +56,7 @@ def test_parse_config_accepts_names_and_shapes_and_rejects_the_rest():
         bench.parse_config("char-1024")
 
 
-def test_interleaving_alternates_order_and_discards_warmup():
+def test_interleaving_alternates_order_settles_and_discards_warmup(monkeypatch):
     bench = load_bench()
     calls = []
 
@@ -76,10 +76,11 @@ def test_interleaving_alternates_order_and_discards_warmup():
 
     a = FakeRunner("charlm", [100.0, 1.0, 2.0, 3.0])
     b = FakeRunner("torch", [100.0, 5.0, 7.0, 9.0])
-    medians = bench.time_interleaved([a, b], "train", reps=3, warmup=1)
-    assert calls == ["charlm train phase", "torch train phase",
-                     "charlm", "torch", "torch", "charlm", "charlm", "torch", "torch", "charlm",
-                     "torch train phase ends", "charlm train phase ends"]
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: calls.append(f"sleep {seconds}"))
+    medians = bench.time_interleaved([a, b], "train", reps=3, warmup=1, settle=0.5)
+    assert calls == ["charlm train phase", "torch train phase"] + [
+        call for name in ("charlm", "torch", "torch", "charlm", "charlm", "torch", "torch", "charlm")
+        for call in ("sleep 0.5", name)] + ["torch train phase ends", "charlm train phase ends"]
     assert medians == {"charlm": 2.0, "torch": 7.0}
 
 
