@@ -37,10 +37,11 @@ PARALLEL_GENERATION_BYTES = 1 << 20
 # and how soon to look again after a check found one: most are gone within milliseconds (in a benchmark run
 # on the idle machine, 3 of 13 checks at the start of a char-256 text found one).
 LOAD_CHECK_SECONDS = (0.25, 0.01)
-# Tokens sampled per compiled call after the first: the call's own cost (~4 us with 21 arguments to
-# type-check; 8 % of a char-256 token) is then paid once per chunk, and a chunk of a large model still
-# arrives within a blink (16 x ~0.5 ms on bpe-512).
-GENERATION_CHUNK = 16
+# Tokens sampled per compiled call after the first: the call's own cost (~4 us with 24 arguments to
+# type-check) and, on several threads, waking the pool's thread are paid once per chunk (char-256 on two
+# threads, median µs/token over 40 texts: 28.0 with chunks of 16, 24.6 with 64), and a chunk of a large
+# model still arrives within a blink (64 x ~0.3-0.65 ms on bpe-512).
+GENERATION_CHUNK = 64
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
