@@ -22,8 +22,8 @@ import numpy as np
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.runtime import (ensure_threads_limited, others_keep_cores_busy, parallel_chunks, parallel_matmul,
-                            single_threaded_blas, thread_count)
+from charlm.runtime import (ensure_threads_limited, one_cpu_each, others_keep_cores_busy, parallel_chunks,
+                            parallel_matmul, pinned_to_cpu, single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # Batch-1 generation splits each token's products across the threads when a token reads at least this many
@@ -565,9 +565,11 @@ class LSTMLanguageModel:
         token = int(prompt[-1])
         n_parts, next_load_check = 1, 0.0
 
+        cpus = one_cpu_each(threads)
+
         def sample(part: int, _: int) -> None:
             h_part, c_part, c_next, tanh_c, probs = own[part]
-            with kernels.meetings_released_on_error(meetings):
+            with pinned_to_cpu(cpus[part] if n_parts > 1 else None), kernels.meetings_released_on_error(meetings):
                 kernels.generate_tokens(part, n_parts, meetings, token, h_part, c_part, *weights, temperature, top_k,
                                         top_p, uniforms, tokens, gates, logits, c_next, tanh_c, probs)
 

@@ -288,6 +288,16 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
         assert parts_used == [1 if b else threads for b in busy * 10][:len(parts_used)]
     assert runs[0] == runs[1] == runs[2]
     assert isinstance(charlm.runtime.others_keep_cores_busy(), bool)
+    if threads > 1 and hasattr(os, "sched_getaffinity"):  # while split, each thread had a CPU of its own
+        monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
+        cpus_seen = {}
+        monkeypatch.setattr(kernels, "generate_tokens",
+                            lambda part, *args: (cpus_seen.setdefault(part, os.sched_getaffinity(0)),
+                                                 compiled(part, *args)))
+        assert list(model.generate_ids([3, 1], 100, temperature=1.0, seed=5)) == runs[0]
+        assert sorted(len(cpus) for cpus in cpus_seen.values()) == [1] * threads
+        assert len(set.union(*cpus_seen.values())) == threads
+        monkeypatch.setattr(kernels, "generate_tokens", spy)
     # An idle verdict holds for a while; a busy one is looked at again at once (a zero delay here).
     monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (1000.0, 0.0))
     loads = iter([True, True, False, True])
