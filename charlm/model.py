@@ -34,8 +34,7 @@ EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 PARALLEL_GENERATION_BYTES = 1 << 20
 # While generating on several threads, how often (seconds) to check that no other process has come to share
 # the cores (a meeting then waits for a descheduled thread: char-256 tokens ~3x slower than on one thread),
-# and how soon to look again after a check found one: most are gone within milliseconds (in a benchmark run
-# on the idle machine, 3 of 13 checks at the start of a char-256 text found one).
+# and how soon to look again after a check found one, which may be passing through.
 LOAD_CHECK_SECONDS = (0.25, 0.01)
 # Tokens sampled per compiled call after the first: the call's own cost (~4 us with 24 arguments to
 # type-check) and, on several threads, waking the pool's thread are paid once per chunk (char-256 on two
@@ -540,7 +539,8 @@ class LSTMLanguageModel:
         """Yield up to `max_new_tokens` sampled token ids one at a time, continuing `prompt_ids`.
 
         temperature 0 = greedy; top_k (0 = off) and top_p (1 = off) restrict the support; the same seed
-        gives the same tokens. Each token is one compiled call through all layers, decoder and sampler."""
+        gives the same tokens, on any number of threads. Tokens come from compiled code that runs all layers,
+        the decoder and the sampler, GENERATION_CHUNK of them per call after the first."""
         prompt = self._check_ids(np.asarray(prompt_ids).reshape(-1, 1), "prompt_ids")[:, 0]
         if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
             raise ConfigError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
@@ -561,11 +561,10 @@ class LSTMLanguageModel:
         own = [((h, c) if part == 0 else (h.copy(), c.copy()))
                + (np.empty(hidden, self._dtype), np.empty(hidden, self._dtype), np.empty(vocab, np.float64))
                for part in range(threads)]
+        cpus = one_cpu_each(threads)
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
         n_parts, next_load_check = 1, 0.0
-
-        cpus = one_cpu_each(threads)
 
         def sample(part: int, _: int) -> None:
             h_part, c_part, c_next, tanh_c, probs = own[part]
