@@ -26,11 +26,11 @@ from charlm.runtime import (ensure_threads_limited, one_cpu_each, others_keep_co
                             parallel_matmul, pinned_to_cpu, single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
-# Batch-1 generation splits each token's products across the threads when a token reads at least this many
-# weight bytes (about one core's L2): below it one core streams them about as fast as two, and the threads'
-# meetings (L + 1 a token) cost more than they save. Measured on the 2-core Zen 4 machine, µs/token on 1 vs 2
-# threads: V=65 2x64 3.8 vs 7.1, 2x128 (0.8 MB) 11.3 vs 10.5, 2x192 (1.8 MB) 24.3 vs 17.8, char-256 (3 MB)
-# 41.8 vs 27.6, char-512 (12 MB) 171 vs 89.
+# Batch-1 generation splits each token's products across as many threads as give each at least this many
+# weight bytes to read (about one core's L2): below it one core streams them about as fast as two, and the
+# threads' meetings (L + 1 a token) cost more than they save. Measured on the 2-core Zen 4 machine, µs/token
+# on 1 vs 2 threads: V=65 2x64 3.8 vs 7.1, 2x128 (0.8 MB) 11.3 vs 10.5, 2x192 (1.8 MB) 24.3 vs 17.8, char-256
+# (3 MB) 41.8 vs 27.6, char-512 (12 MB) 171 vs 89.
 PARALLEL_GENERATION_BYTES = 1 << 20
 # While generating on several threads, how often (seconds) to check that no other process has come to share
 # the cores (a meeting then waits for a descheduled thread: char-256 tokens ~3x slower than on one thread),
@@ -555,7 +555,7 @@ class LSTMLanguageModel:
         gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
         logits = np.empty((1, vocab), self._dtype)
         tokens = np.empty(GENERATION_CHUNK, np.int64)
-        threads = thread_count() if self._generation_bytes(weights) >= PARALLEL_GENERATION_BYTES else 1
+        threads = max(1, min(thread_count(), self._generation_bytes(weights) // max(PARALLEL_GENERATION_BYTES, 1)))
         meetings = kernels.meeting_counters(threads)
         # Each thread's own state and scratch; the first thread's state is the caller's h, c.
         own = [((h, c) if part == 0 else (h.copy(), c.copy()))

@@ -307,6 +307,22 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     assert parts_used == [1, 1] + [threads] * (len(parts_used) - 2)
 
 
+def test_generation_gives_each_thread_at_least_the_threshold_in_weights(monkeypatch):
+    model = LSTMLanguageModel(ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2), seed=2)
+    weight_bytes = model._generation_bytes(model._generation_weights(30))
+    monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
+    compiled, parts_used = kernels.generate_tokens, set()
+    monkeypatch.setattr(kernels, "generate_tokens", lambda part, n_parts, *args: (parts_used.add(n_parts),
+                                                                               compiled(part, n_parts, *args)))
+    threads = charlm.runtime.thread_count()
+    for threshold, parts in ((weight_bytes + 1, 1), (weight_bytes, 1), (weight_bytes // 2, min(2, threads)),
+                             (1, threads)):
+        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", threshold)
+        parts_used.clear()
+        list(model.generate_ids([3, 1], 30, seed=5))
+        assert parts_used == {parts}
+
+
 def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch):
     config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
     model = LSTMLanguageModel(config, seed=4)
