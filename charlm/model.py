@@ -22,8 +22,8 @@ import numpy as np
 from charlm import kernels
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.runtime import (ensure_threads_limited, one_cpu_each, others_keep_cores_busy, parallel_chunks,
-                            parallel_matmul, pinned_to_cpu, single_threaded_blas, thread_count)
+from charlm.runtime import (available_cores, ensure_threads_limited, one_cpu_each, others_keep_cores_busy,
+                            parallel_chunks, parallel_matmul, pinned_to_cpu, single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # Batch-1 generation splits each token's products across as many threads as give each at least this many
@@ -555,7 +555,9 @@ class LSTMLanguageModel:
         gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
         logits = np.empty((1, vocab), self._dtype)
         tokens = np.empty(GENERATION_CHUNK, np.int64)
-        threads = max(1, min(thread_count(), self._generation_bytes(weights) // max(PARALLEL_GENERATION_BYTES, 1)))
+        # Never more threads than CPUs: two meeting threads that share one run ~3x slower than one thread.
+        threads = max(1, min(thread_count(), available_cores(),
+                             self._generation_bytes(weights) // max(PARALLEL_GENERATION_BYTES, 1)))
         meetings = kernels.meeting_counters(threads)
         # Each thread's own state and scratch; the first thread's state is the caller's h, c.
         own = [((h, c) if part == 0 else (h.copy(), c.copy()))

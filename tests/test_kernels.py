@@ -321,6 +321,10 @@ def test_generation_gives_each_thread_at_least_the_threshold_in_weights(monkeypa
         parts_used.clear()
         list(model.generate_ids([3, 1], 30, seed=5))
         assert parts_used == {parts}
+    monkeypatch.setattr(charlm.model, "available_cores", lambda: 1)  # more threads asked for than CPUs
+    parts_used.clear()
+    list(model.generate_ids([3, 1], 30, seed=5))
+    assert parts_used == {1}
 
 
 def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch):
