@@ -283,8 +283,8 @@ def _add_row_products(x, w, panels, out, lo, hi):
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def project_rows(x, w, panels, bias, out, lo, hi):
-    """out[b] = bias + w @ x[b] for the rows b in [lo, hi) of a window-wide product (x: (N, K), w: (J, K),
-    panels: w packed, see `_add_row_products`), a block of rows at a time."""
+    """out[b] = bias + w @ x[b] for the rows b in [lo, hi) (x: (N, K), w: (J, K), panels: w packed, see
+    `_add_row_products`), a block of rows at a time: a window-wide input projection, or one step's."""
     for start in range(lo, hi, _PRODUCT_ROW_BLOCK):
         stop = min(start + _PRODUCT_ROW_BLOCK, hi)
         for b in range(start, stop):
@@ -333,9 +333,7 @@ def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_
     for t in range(ids.shape[0]):
         for layer in range(len(w_hh)):
             if layer > 0:
-                for b in range(lo, hi):
-                    gates[b, :] = biases[layer]
-                _add_row_products(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], gates, lo, hi)
+                project_rows(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], biases[layer], gates, lo, hi)
             elif use_table:
                 _table_rows(table, ids[t], biases[0], gates, lo, hi)
             else:
@@ -537,6 +535,15 @@ def _add_matvec_block(x, w, panels, out, start, stop):
             sums[j] += _dot(w[j], row)
 
 
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _add_matvec(x, w, panels, out, lo, hi):
+    """out[0, j] += w[j] · x[0] for j in [lo, hi) (lo on a block boundary), block by block through
+    `_add_matvec_block`: a generation thread's share of one matrix's outputs."""
+    block = panels.shape[2]
+    for start in range(lo, hi, block):
+        _add_matvec_block(x, w, panels, out, start, min(start + block, hi))
+
+
 _MEETING_STRIDE = 8  # int64 counters 64 bytes apart, so each thread's counter has a cache line of its own
 # A counter value above any count: a thread whose own counter holds it returns from every meeting, and one
 # waiting on it stops waiting (see `meetings_released_on_error`).
@@ -546,11 +553,16 @@ _SPINS_BEFORE_YIELD = 1 << 10
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
+def _is_counters(array_type) -> bool:
+    """Whether a Numba type is the int64, C-contiguous array of `meeting_counters`."""
+    return isinstance(array_type, types.Array) and array_type.dtype == types.int64 and array_type.layout == "C"
+
+
 @intrinsic
 def _publish(typingctx, counters, index, value):
     """counters[index] = value as a release store: a thread that reads the new value (`_observe`) also sees
     every write made before it."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.layout == "C"):
+    if not _is_counters(counters):
         return None
 
     def codegen(context, builder, signature, args):
@@ -564,7 +576,7 @@ def _publish(typingctx, counters, index, value):
 @intrinsic
 def _observe(typingctx, counters, index):
     """counters[index] as an acquire load (see `_publish`), read afresh on every call."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.layout == "C"):
+    if not _is_counters(counters):
         return None
 
     def codegen(context, builder, signature, args):
@@ -649,7 +661,7 @@ def generate_tokens(part, n_parts, meetings, token, h, c, embedding, table0, w_i
     in place (equal in all threads); c_next and tanh_c (H,); probs (V,) float64. embedding: (V, E).
     table0: (V, 4H) precomputed embedding @ W_ih0ᵀ, or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh,
     bias: tuples of the L layers' arrays ((4H, In), (4H, H), (4H,)). dec_w: (V, H); dec_b: (V,). panels:
-    (w_ih, w_hh, decoder) packed for `_add_matvec_block` (N, K, block). Sampling as in `_sample`.
+    (w_ih, w_hh, decoder) packed for `_add_matvec` (N, K, block). Sampling as in `_sample`.
     Several tokens per call: calling a compiled function with this many arguments costs ~4 µs.
     """
     w_ih_panels, w_hh_panels, dec_panels = panels
@@ -673,24 +685,18 @@ def generate_tokens(part, n_parts, meetings, token, h, c, embedding, table0, w_i
                 if use_table:
                     layer_gates[0, rows_lo:rows_hi] += table0[token, rows_lo:rows_hi]
                 else:
-                    for start in range(rows_lo, rows_hi, block):
-                        _add_matvec_block(embedding[token:token + 1], w_ih[0], w_ih_panels[0], layer_gates, start,
-                                          min(start + block, rows_hi))
-            for start in range(rows_lo, rows_hi, block):
-                _add_matvec_block(h[layer:layer + 1], w_hh[layer], w_hh_panels[layer], layer_gates, start,
-                                  min(start + block, rows_hi))
+                    _add_matvec(embedding[token:token + 1], w_ih[0], w_ih_panels[0], layer_gates, rows_lo, rows_hi)
+            _add_matvec(h[layer:layer + 1], w_hh[layer], w_hh_panels[layer], layer_gates, rows_lo, rows_hi)
         for layer in range(n_layers):
             if layer > 0:
-                for start in range(rows_lo, rows_hi, block):
-                    _add_matvec_block(h[layer - 1:layer], w_ih[layer], w_ih_panels[layer], gates[layer:layer + 1],
-                                      start, min(start + block, rows_hi))
+                _add_matvec(h[layer - 1:layer], w_ih[layer], w_ih_panels[layer], gates[layer:layer + 1], rows_lo,
+                            rows_hi)
             _activate_gates(gates[layer], rows_lo, rows_hi)
             _meet(meetings, part, n_parts)
             _cell_update(gates[layer], c[layer], c_next, h[layer], tanh_c)
             c[layer] = c_next
         logits[0, vocab_lo:vocab_hi] = dec_b[vocab_lo:vocab_hi]
-        for start in range(vocab_lo, vocab_hi, block):
-            _add_matvec_block(h[n_layers - 1:], dec_w, dec_panels, logits, start, min(start + block, vocab_hi))
+        _add_matvec(h[n_layers - 1:], dec_w, dec_panels, logits, vocab_lo, vocab_hi)
         _meet(meetings, part, n_parts)
         token = _sample(logits[0], temperature, top_k, top_p, uniforms[i], probs)
         if part == 0:

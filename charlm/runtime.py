@@ -141,7 +141,8 @@ def parallel_chunks(n_items: int, work: Callable[[int, int], object], min_chunk:
 
 
 def parallel_matmul(a, b, out) -> None:
-    """out = a @ b with the rows of a and out split across the threads (single-threaded BLAS inside)."""
+    """out = a @ b with the rows of a and out split across the threads; call it inside
+    `single_threaded_blas()`, so that each thread's BLAS call runs on that thread alone."""
 
     def rows(start: int, stop: int) -> None:
         np.matmul(a[start:stop], b, out=out[start:stop])
