@@ -23,7 +23,7 @@ from charlm.evaluate import evaluate
 from charlm.optim import SCHEDULES
 from charlm.sample import complete as complete_blank
 from charlm.sample import generate_text, validate_sampling
-from charlm.train import (DEFAULT_TIME_BUDGET_MINUTES, ENCODING_ERRORS, TOKENIZERS, TrainConfig, load_recipe,
+from charlm.train import (DEFAULT_TIME_BUDGET_MINUTES, DEFAULT_WARMUP_SHARE, ENCODING_ERRORS, TOKENIZERS, TrainConfig, load_recipe,
                           merge_options, option_default, saved_train_config)
 from charlm.train import train as run_training
 
@@ -84,7 +84,8 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--embed", type=int, help=f"Embedding size [default: {option_default('embed_dim')}].")
 @click.option("--dropout", type=float, help=f"Dropout probability [default: {option_default('dropout')}].")
 @click.option("--locked-dropout/--per-step-dropout", default=None,
-              help="One dropout mask per window (AWD-LSTM) or a fresh one every step [default: locked].")
+              help="One dropout mask per window (AWD-LSTM) or a fresh one every step "
+                   f"[default: {'locked' if option_default('locked_dropout') else 'per-step'}].")
 @click.option("--weight-drop", type=float,
               help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {option_default('weight_drop')}].")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
@@ -92,7 +93,9 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
               help=f"Parameter dtype [default: {option_default('dtype')}].")
 @click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {option_default('seq_len')}].")
 @click.option("--batch-size", type=int, help=f"Parallel streams B [default: {option_default('batch_size')}].")
-@click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T.")
+@click.option("--random-length/--fixed-length", default=None,
+              help="Vary the window length around T "
+                   f"[default: {'random' if option_default('random_length') else 'fixed'}].")
 @click.option("--window-sampling", type=click.Choice(SAMPLINGS),
               help="B contiguous streams with the state carried, or rows at random places from a zero state "
                    f"[default: {option_default('window_sampling')}].")
@@ -103,7 +106,8 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--ema-decay", type=float,
               help="Validate and save an exponential moving average of the weights with this decay (e.g. 0.995), "
                    f"0 = off [default: {option_default('ema_decay'):g}].")
-@click.option("--warmup", type=int, help=f"Linear warm-up steps [default: {option_default('warmup_steps')}].")
+@click.option("--warmup", type=int,
+              help=f"Linear warm-up steps [default: {DEFAULT_WARMUP_SHARE:.0%} of the run's steps or time budget].")
 @click.option("--schedule", type=click.Choice(SCHEDULES),
               help=f"Decay after warm-up [default: {option_default('schedule')}].")
 @click.option("--epochs", type=int, help="Stop after this many passes over the training split.")
