@@ -57,6 +57,10 @@ DROPOUT_RNG_STREAM = 1
 # With a weight average, a checkpoint's weights are the average (what eval and generate should use) and the
 # optimizer file also holds the training weights themselves, under this prefix, for --resume.
 TRAINING_WEIGHTS_PREFIX = "train."
+# The defaults before the general recipe became the defaults. A checkpoint saved before one of these settings
+# existed ran with the value here, so resuming it must not pick up today's default.
+EARLIER_DEFAULTS = {"locked_dropout": True, "weight_drop": 0.0, "seq_len": 128, "random_length": False,
+                    "weight_decay": 0.01, "ema_decay": 0.0, "warmup_steps": 100, "min_lr_ratio": 0.1}
 
 
 class TrainingDiverged(CharlmError):
@@ -66,6 +70,12 @@ class TrainingDiverged(CharlmError):
 def option_default(field: str):
     """TrainConfig's default for `field` (for help texts, and for settings older checkpoints lack)."""
     return TrainConfig.__dataclass_fields__[field].default
+
+
+def earlier_default(field: str):
+    """The value a checkpoint that lacks `field` ran with: the default of its day, which for the settings in
+    EARLIER_DEFAULTS was not today's."""
+    return EARLIER_DEFAULTS.get(field, option_default(field))
 
 
 def flag(field: str) -> str:
@@ -242,7 +252,8 @@ def saved_train_config(out: str | os.PathLike) -> dict | None:
     last = Path(out) / "last"
     if not last.exists():
         return None
-    return load_checkpoint(last).train_config
+    saved = load_checkpoint(last).train_config
+    return None if saved is None else {**EARLIER_DEFAULTS, **saved}
 
 
 @dataclass(frozen=True)
@@ -320,7 +331,7 @@ def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
     if saved is None:
         raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
     # A setting missing from an older checkpoint had its default then (say ema_decay: no average).
-    before = {name: saved.get(name, option_default(name)) for name in FROZEN_ON_RESUME}
+    before = {name: saved.get(name, earlier_default(name)) for name in FROZEN_ON_RESUME}
     changed = [name for name in FROZEN_ON_RESUME if before[name] != getattr(config, name)]
     if changed:
         details = ", ".join(f"{flag(n)} {before[n]!r} -> {getattr(config, n)!r}" for n in changed)
