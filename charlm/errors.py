@@ -19,3 +19,7 @@ class CheckpointError(CharlmError):
 
 class ConfigError(CharlmError):
     """Flags or config values out of range, or a resumed run whose config changed."""
+
+
+class MissingExtraError(CharlmError):
+    """A command needs an optional package (an extra such as charlm[onnx]) that is not installed."""
