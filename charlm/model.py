@@ -542,8 +542,7 @@ class LSTMLanguageModel:
         gives the same tokens, on any number of threads. Tokens come from compiled code that runs all layers,
         the decoder and the sampler, GENERATION_CHUNK of them per call after the first."""
         prompt = self._check_ids(np.asarray(prompt_ids).reshape(-1, 1), "prompt_ids")[:, 0]
-        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
-            raise ConfigError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         return self._generate(prompt, max_new_tokens, float(temperature), int(top_k), float(top_p), seed)
 
     def _generate(self, prompt: np.ndarray, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -631,3 +630,15 @@ class LSTMLanguageModel:
         panels = np.empty((n_blocks, matrix.shape[1], block), self._dtype)
         kernels.pack_panels(matrix[:n_blocks * block], panels)
         return panels
+
+
+def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    """The one check of the sampling options, in the words of the `generate` flags."""
+    if length < 1:
+        raise ConfigError(f"length must be at least 1, got {length}")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top-k must be >= 0 (0 = all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
