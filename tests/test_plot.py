@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from charlm.cli import cli
+from charlm.config import TrainConfig
 from charlm.plot import read_metrics
-from charlm.train import TrainConfig, train
+from charlm.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,9 +35,11 @@ def run(tmp_path_factory):
     (root / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(200)) + "\n")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CHARLM_CACHE", str(root / "cache"))
-        train(TrainConfig(corpus=str(root / "corpus.txt"), out=str(root / "run"), num_layers=1, hidden_size=16,
-                          embed_dim=8, seq_len=12, batch_size=4, lr=1e-2, warmup_steps=3, max_steps=20,
-                          eval_every=5, checkpoint_every=10, log_every=2, seed=1), verbose=False)
+        config = TrainConfig.from_dict(dict(
+            corpus=str(root / "corpus.txt"), out=str(root / "run"), num_layers=1, hidden_size=16, embed_dim=8,
+            seq_len=12, batch_size=4, lr=1e-2, warmup_steps=3, max_steps=20, eval_every=5, checkpoint_every=10,
+            log_every=2, seed=1))
+        train(config, verbose=False)
     with open(root / "run" / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         metrics.write('{"event": "train", "step": 22, "loss": 2.')
     return root / "run"
