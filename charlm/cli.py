@@ -1,4 +1,4 @@
-"""The `charlm` command: train, generate, complete, eval, info.
+"""The `charlm` command: train, generate, complete, eval, serve, info.
 
 Thin on purpose: each command parses its flags, builds the library's config objects and calls the same
 functions a notebook would (`charlm.train.train`, `charlm.sample.generate_text`, ...). Errors a user can
@@ -242,6 +242,27 @@ def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors
 
 def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", default=64, show_default=True, help="Requests generated together in one batched step.")
+@click.option("--max-waiting", default=64, show_default=True,
+              help="Requests that may wait for a place in the batch; beyond them the server answers 429.")
+def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
+    """Serve CHECKPOINT over the OpenAI completions API, with a page to try it at /."""
+    if max_batch < 1 or max_waiting < 0:
+        raise ConfigError(f"--max-batch must be at least 1 and --max-waiting at least 0, got {max_batch} and "
+                          f"{max_waiting}")
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        from charlm.serve import serve as run_server
+    except ImportError as exc:
+        raise ConfigError(f"charlm serve needs {exc.name}: pip install 'charlm[serve]'") from None
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting)
 
 
 @cli.command()
