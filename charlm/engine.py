@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from charlm import kernels
 from charlm.errors import CharlmError
+from charlm.kernels.generate import sample
 from charlm.runtime import parallel_chunks
 
 # Prompt tokens read per model call: the window `charlm eval` uses, so long prompts need bounded memory.
@@ -122,7 +122,7 @@ def _sample_rows(logits, temperatures, top_ks, top_ps, uniforms, probs, tokens, 
     """tokens[i] for rows lo..hi of logits (B, V), each drawn as batch-1 generation draws it, with its own
     settings and uniform number; probs: (B, V) float64 workspace."""
     for i in range(lo, hi):
-        tokens[i] = kernels._sample(logits[i], temperatures[i], top_ks[i], top_ps[i], uniforms[i], probs[i])
+        tokens[i] = sample(logits[i], temperatures[i], top_ks[i], top_ps[i], uniforms[i], probs[i])
 
 
 class Engine:

@@ -43,7 +43,8 @@ def serve_checkpoint(tmp_path_factory):
     corpus.write_text("\n".join(lines[i] for i in picks) + "\n", encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CHARLM_CACHE", str(root / "cache"))
-        train(TrainConfig(corpus=str(corpus), out=str(root / "love"), num_layers=1, hidden_size=48, embed_dim=16,
-                          dropout=0.0, seq_len=32, batch_size=16, lr=2e-2, warmup_steps=5, max_steps=60,
-                          eval_every=60, checkpoint_every=60, log_every=20), verbose=False)
+        train(TrainConfig.from_dict(dict(
+            corpus=str(corpus), out=str(root / "love"), num_layers=1, hidden_size=48, embed_dim=16, dropout=0.0,
+            seq_len=32, batch_size=16, lr=2e-2, warmup_steps=5, max_steps=60, eval_every=60, checkpoint_every=60,
+            log_every=20)), verbose=False)
     return root / "love" / "best"
