@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,7 +24,7 @@ from numba import njit
 
 from charlm.errors import CharlmError
 from charlm.kernels.generate import sample
-from charlm.runtime import limit_threads, others_keep_cores_busy, parallel_chunks, thread_count
+from charlm.runtime import parallel_chunks, single_threaded_blas
 
 # Prompts of up to this many tokens are read inside the batched steps, one token a step; longer ones first
 # in windows of their own (a step per token would take too many steps).
@@ -35,12 +34,6 @@ PROMPT_WINDOW = 256
 # Long-prompt tokens read in one turn before the next batched step, so that they do not hold up every stream
 # in flight for their whole length.
 PROMPT_TOKENS_PER_TURN = 512
-# A step meets its threads a few times (each parallel phase), so while other processes keep the cores busy
-# it runs on one thread, as batch-1 generation does: a meeting would wait for a descheduled thread. How often
-# to look (seconds) at full strength, and how long to stay on one thread before looking again.
-LOAD_CHECK_SECONDS = (0.25, 2.0)
-
-
 class QueueFull(CharlmError):
     """More requests than the engine holds in flight plus its waiting room."""
 
@@ -163,8 +156,6 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._cores = thread_count()
-        self._next_load_check = 0.0
 
     def start(self) -> None:
         """Start the engine thread, after one warm-up step (compiles the sampler, packs the weights)."""
@@ -203,7 +194,9 @@ class Engine:
         return future
 
     def _run(self) -> None:
-        with self.model.frozen_weights():  # the server never changes the weights: pack them once per batch size
+        # The server never changes the weights: pack them once per batch size. BLAS runs on the calling thread
+        # throughout (the model splits its products across its own threads).
+        with self.model.frozen_weights(), single_threaded_blas():
             while True:
                 with self._wake:
                     while not (self._stopping or self._calls or self._waiting or self._reading or self._active):
@@ -339,7 +332,6 @@ class Engine:
         active = self._active
         if not active:
             return
-        self._choose_threads()
         count = len(active)
         rows = min(1 << (count - 1).bit_length(), self.max_batch)  # few batch sizes: one workspace each
         rows = max(rows, count)
@@ -361,19 +353,6 @@ class Engine:
                     self._advance(sequence, int(tokens[index]), logits[index])
             except Exception as exc:  # noqa: BLE001
                 self._fail(sequence, f"generation failed: {exc}")
-
-    def _choose_threads(self) -> None:
-        """All the cores the process was given, or one while others keep them busy (see LOAD_CHECK_SECONDS).
-        On one thread `others_keep_cores_busy` asks whether others leave less than one core idle: then they
-        would keep all of them busy too."""
-        now = time.monotonic()
-        if self._cores == 1 or now < self._next_load_check:
-            return
-        busy = others_keep_cores_busy()
-        wanted = 1 if busy else self._cores
-        if wanted != thread_count():
-            limit_threads(wanted)
-        self._next_load_check = now + LOAD_CHECK_SECONDS[busy]
 
     def _batched_step(self, active: list[Sequence], rows: int):
         """Logits (count, V) of one step of all active sequences, and a sampled token for each row that is
