@@ -782,26 +782,36 @@ _MASK_BITS = 24  # keep probability resolution 2**-24; float32 keeps 24 bits of 
 
 
 @njit(cache=True, nogil=True)
-def _dropout_mask_kernel(flat, key, threshold, scale, lo, hi):
+def _dropout_mask_kernel(flat, key, threshold, scale, block, block_stride, offset, lo, hi):
     shift30, shift27, shift31 = np.uint64(30), np.uint64(27), np.uint64(31)
     shift_bits = np.uint64(64 - _MASK_BITS)
     zero = flat.dtype.type(0.0)
     for n in range(lo, hi):
-        z = key + np.uint64(n + 1) * _SPLITMIX_GAMMA
+        index = (n // block) * block_stride + offset + n % block
+        z = key + np.uint64(index + 1) * _SPLITMIX_GAMMA
         z = (z ^ (z >> shift30)) * _SPLITMIX_MUL1
         z = (z ^ (z >> shift27)) * _SPLITMIX_MUL2
         z = z ^ (z >> shift31)
         flat[n] = scale if (z >> shift_bits) < threshold else zero
 
 
-def dropout_mask(out, key: int, keep: float) -> None:
+def dropout_mask(out, key: int, keep: float, rows: tuple[int, int] | None = None) -> None:
     """Fill out (any shape, C-contiguous) with an inverted-dropout mask: 1 / keep with probability keep, else 0,
     each element drawn by hashing (key, its index). A 2x512 char model's per-step and weight-drop masks,
-    6.3 M elements a window, took 21 ms with numpy's random + compare + scale and take 5 ms here (2 threads)."""
+    6.3 M elements a window, took 21 ms with numpy's random + compare + scale and take 5 ms here (2 threads).
+
+    rows=(first, total): out (S, B, ...) holds rows first..first+B of a (S, total, ...) mask and gets exactly
+    those rows' values, so processes sharing a batch draw the masks one process would."""
     flat = out.reshape(-1)
+    block, block_stride, offset = max(flat.size, 1), max(flat.size, 1), 0
+    if rows is not None:
+        first, total = rows
+        row_size = out[0, 0].size
+        block, block_stride, offset = out.shape[1] * row_size, total * row_size, first * row_size
     threshold = np.uint64(round(keep * (1 << _MASK_BITS)))
     scale = out.dtype.type(1.0 / keep)
-    parallel_chunks(flat.size, lambda lo, hi: _dropout_mask_kernel(flat, np.uint64(key), threshold, scale, lo, hi),
+    parallel_chunks(flat.size, lambda lo, hi: _dropout_mask_kernel(flat, np.uint64(key), threshold, scale, block,
+                                                                    block_stride, offset, lo, hi),
                     min_chunk=_MIN_ELEMENTWISE_CHUNK)
 
 
