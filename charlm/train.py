@@ -38,7 +38,7 @@ from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
 from charlm.optim import SCHEDULES, AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
-from charlm.runtime import ensure_threads_limited, limit_threads
+from charlm.runtime import ensure_threads_limited, limit_threads, thread_count
 from charlm.tokenize import Tokenizer, train_tokenizer
 
 TOKENIZERS = ("char", "word", "bpe")
@@ -589,10 +589,6 @@ class _Run:
                 interval_seconds += time.monotonic() - started
                 interval_tokens += tokens
                 progress.update()
-                if self.signal_number is not None:  # seen by all processes in the same step
-                    self.save_last()
-                    self.processes.barrier()  # none exits (ending the job) while rank 0 is still saving
-                    return self._result("interrupted", self.signal_number)
                 if self.step % self.config.log_every == 0:
                     progress.show_train(self._log_train(lr, interval_tokens / max(interval_seconds, 1e-9)))
                     interval_seconds, interval_tokens = 0.0, 0
@@ -607,6 +603,11 @@ class _Run:
                     progress.close()
                     self._announce_end(reason)
                     return self._result(reason)
+                if self.signal_number is not None:  # seen by all processes in the same step
+                    if self.saved_step != self.step:
+                        self.save_last()
+                    self.processes.barrier()  # none exits (ending the job) while rank 0 is still saving
+                    return self._result("interrupted", self.signal_number)
         finally:
             progress.close()
 
@@ -758,8 +759,15 @@ class _Run:
                   f"{self.time_budget_s / 60:g} min" if self.time_budget_s else None]
         print(f"{action}: {self.model.num_parameters():,} parameters ({c.num_layers}x{c.hidden_size} LSTM, "
               f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
-              f"{c.batch_size}x{c.seq_len} tokens, stop at {' or '.join(x for x in limits if x)}; "
-              f"writing {self.out}", file=sys.stderr)
+              f"{c.batch_size}x{c.seq_len} tokens{self._processes_note()}, "
+              f"stop at {' or '.join(x for x in limits if x)}; writing {self.out}", file=sys.stderr)
+
+    def _processes_note(self) -> str:
+        if self.processes.size == 1:
+            return ""
+        threads = thread_count()
+        return (f" on {self.processes.size} processes ({self.rows[1] - self.rows[0]} rows, {threads} "
+                f"thread{'s' if threads > 1 else ''} each)")
 
     def _announce_end(self, reason: str) -> None:
         if self.verbose:
