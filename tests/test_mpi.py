@@ -154,8 +154,8 @@ def test_sigint_to_mpiexec_saves_once_and_the_run_resumes_on_one_process(workspa
     assert 5 <= stopped_at < 40
     assert stderr.count(f"interrupted at step {stopped_at}; checkpoint saved to {out / 'last'}") == 1, stderr
 
-    resumed = train(TrainConfig(corpus=str(corpus), out=str(out), max_steps=40, **OPTIONS), resume=True,
-                    verbose=False)
+    config = TrainConfig.from_dict({"corpus": str(corpus), "out": str(out), "max_steps": 40, **OPTIONS})
+    resumed = train(config, resume=True, verbose=False)
     assert resumed.step == 40
     assert_same_run(out, reference)
 
