@@ -29,6 +29,7 @@ class SingleProcess:
     rank = 0
     size = 1
     local_size = 1
+    aborts_all_on_error = True
 
     def rows(self, batch_size: int) -> tuple[int, int]:
         """This rank's share [first, stop) of `batch_size` rows."""
@@ -66,6 +67,8 @@ class MPIWorld(SingleProcess):
         self.size = self._comm.Get_size()
         self._node = self._comm.Split_type(mpi.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = self._node.Get_size()
+        # `python -m mpi4py` turns an uncaught error or a non-zero exit in one process into MPI_Abort of all.
+        self.aborts_all_on_error = "mpi4py.run" in sys.modules
 
     def rows(self, batch_size: int) -> tuple[int, int]:
         if batch_size % self.size:

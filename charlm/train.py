@@ -98,6 +98,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, ver
     else:
         limit_threads(threads)
     verbose = verbose and processes.rank == 0
+    if verbose and not processes.aborts_all_on_error:
+        print("warning: start data-parallel runs as `mpiexec ... python -m mpi4py -m charlm train ...`, so that "
+              "an error in one process ends all of them instead of leaving the others waiting", file=sys.stderr)
     out = Path(config.out)
     # Every process reads the checkpoint to resume (a shared file system, as for the corpus); rank 0 changes
     # the folder only once all have looked.
