@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from charlm.errors import ConfigError
+from charlm.extras import import_extra
 
 # Set by MPI launchers in every process they start: MPICH's and Intel MPI's Hydra (PMI_*), Open MPI's mpirun,
 # and PMIx launchers such as Slurm's `srun --mpi=pmix`.
@@ -130,12 +131,9 @@ def _open_world() -> SingleProcess:
     launched = any(os.environ.get(name) for name in LAUNCHER_VARIABLES)
     if "mpi4py.MPI" not in sys.modules and not launched:
         return SingleProcess()
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        if os.environ.get("PMI_SIZE", "2") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE", "2") == "1":
-            return SingleProcess()
-        raise ConfigError("started by an MPI launcher, but mpi4py is not installed: pip install 'charlm[mpi]'") from None
+    if os.environ.get("PMI_SIZE") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
+        return SingleProcess()
+    MPI = import_extra("mpi4py.MPI", "mpi", "a process started by an MPI launcher (data-parallel training)")
     if MPI.COMM_WORLD.Get_size() == 1:
         return SingleProcess()
     return MPIWorld(MPI)
