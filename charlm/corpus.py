@@ -4,7 +4,7 @@ A corpus is a UTF-8 text file (split into train / valid by a contiguous tail), a
 train.txt / valid.txt / test.txt, or a name registered in `charlm.corpora` (corpora/registry.json).
 Registered files are looked up in $CHARLM_CORPORA/<name>/, then in cache_dir()/corpora/<name>/, and
 downloaded from their original URL into the cache when missing. Their sha256 is checked on every
-resolve: hashing costs about 2 ms per MB next to reading the file, so there is nothing worth caching.
+resolve: hashing costs little next to reading the file, so there is nothing worth caching.
 """
 
 from __future__ import annotations

@@ -68,9 +68,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def init_params(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """PyTorch-like initialisation, deterministic in `seed`: LSTM and decoder weights U(±1/√H), biases 0
     except the forget gate's 1 (so early training does not forget everything). The embedding is N(0, 1)
-    like nn.Embedding's, so the first layer sees inputs of unit scale from step one (on Tiny Shakespeare,
-    U(±0.1) left validation loss 0.27 nats/char worse after 400 steps); tied to the decoder it is U(±0.1)
-    instead (as in AWD-LSTM), since N(0, 1) decoder rows would start with huge logits."""
+    like nn.Embedding's, so the first layer sees inputs of unit scale from step one (U(±0.1) learned
+    markedly slower: docs/experiments.md); tied to the decoder it is U(±0.1) instead (as in AWD-LSTM),
+    since N(0, 1) decoder rows would start with huge logits."""
     rng = np.random.default_rng(seed)
     hidden = config.hidden_size
     bound = 1.0 / np.sqrt(hidden)
@@ -317,7 +317,7 @@ class LSTMLanguageModel:
     def frozen_weights(self) -> Iterator[None]:
         """A block in which the weights do not change (say an evaluation pass over a corpus): inference then
         packs them for its register tiles, and builds layer 0's table, once per batch size instead of once
-        per window (~3 % of a char-256 evaluation window). Changing the weights inside it gives stale results."""
+        per window. Changing the weights inside it gives stale results."""
         if self._frozen_depth == 0:
             self._packed.clear()
         self._frozen_depth += 1
@@ -549,8 +549,7 @@ class LSTMLanguageModel:
         gives the same tokens, on any number of threads. Tokens come from compiled code that runs all layers,
         the decoder and the sampler, GENERATION_CHUNK of them per call after the first."""
         prompt = self._check_ids(np.asarray(prompt_ids).reshape(-1, 1), "prompt_ids")[:, 0]
-        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
-            raise ConfigError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         return self._generate(prompt, max_new_tokens, float(temperature), int(top_k), float(top_p), seed)
 
     def _generate(self, prompt: np.ndarray, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -640,3 +639,15 @@ class LSTMLanguageModel:
         panels = np.empty((n_blocks, matrix.shape[1], block), self._dtype)
         gemm.pack_panels(matrix[:n_blocks * block], panels)
         return panels
+
+
+def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    """The one check of the sampling options, in the words of the `generate` flags."""
+    if length < 1:
+        raise ConfigError(f"length must be at least 1, got {length}")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top-k must be >= 0 (0 = all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")

@@ -6,7 +6,7 @@
   decode(encode(s)) is exact up to whitespace: words are re-joined by single spaces, lines by "\n".
 - bpe: byte-level BPE, so every string encodes without unknowns and decodes back exactly.
 
-Char text is encoded with numpy (same ids as the `tokenizers` pipeline, which is ~1.5 s/MB on char
+Char text is encoded with numpy (same ids as the `tokenizers` pipeline, which is slow on char
 tokens); word and BPE text goes through `tokenizers` in line-aligned chunks so it runs in parallel.
 """
 
