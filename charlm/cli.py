@@ -1,4 +1,4 @@
-"""The `charlm` command: train, generate, complete, eval, info, export, plot.
+"""The `charlm` command: train, generate, complete, eval, serve, info, export, plot.
 
 Thin on purpose: each command parses its flags, builds the library's config objects and calls the same
 functions a notebook would (`charlm.train.train`, `charlm.sample.generate_text`, ...). Errors a user can
@@ -18,12 +18,13 @@ import click
 from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint, saved_train_config
 from charlm.config import (DEFAULT_TIME_BUDGET_MINUTES, DEFAULT_WARMUP_SHARE, DTYPES, FIELD_OF_FLAG, load_recipe,
                            merge_train_config, option_default)
-from charlm.corpus import ERROR_MODES, SPLITS, resolve_corpus
+from charlm.corpus import DEFAULT_VALID_FRACTION, ERROR_MODES, SPLITS, resolve_corpus
 from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
 from charlm.export import FORMATS as EXPORT_FORMATS
 from charlm.export import export as export_checkpoint
+from charlm.extras import import_extra
 from charlm.optim import SCHEDULES
 from charlm.plot import plot_run
 from charlm.sample import complete as complete_blank
@@ -63,7 +64,7 @@ class CharlmGroup(click.Group):
 
 @click.group(cls=CharlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate, export, plot."""
+    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate, serve, export, plot."""
 
 
 @cli.command()
@@ -76,7 +77,8 @@ def cli() -> None:
 @click.option("--encoding-errors", type=click.Choice(ERROR_MODES),
               help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {option_default('encoding_errors')}].")
 @click.option("--valid-fraction", type=float,
-              help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
+              help="Share of a single-file corpus held out for validation "
+                   f"[default: the corpus's rule, else {DEFAULT_VALID_FRACTION:g}].")
 @click.option("--layers", type=int, help=f"LSTM layers [default: {option_default('num_layers')}].")
 @click.option("--hidden", type=int, help=f"Hidden units per layer [default: {option_default('hidden_size')}].")
 @click.option("--embed", type=int, help=f"Embedding size [default: {option_default('embed_dim')}].")
@@ -86,13 +88,13 @@ def cli() -> None:
                    f"[default: {'locked' if option_default('locked_dropout') else 'per-step'}].")
 @click.option("--weight-drop", type=float,
               help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {option_default('weight_drop')}].")
-@click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
+@click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden) "
+                   f"[default: {'tied' if option_default('tie_weights') else 'not tied'}].")
 @click.option("--dtype", type=click.Choice(DTYPES),
               help=f"Parameter dtype [default: {option_default('dtype')}].")
 @click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {option_default('seq_len')}].")
 @click.option("--batch-size", type=int, help=f"Parallel streams B [default: {option_default('batch_size')}].")
-@click.option("--random-length/--fixed-length", default=None,
-              help="Vary the window length around T "
+@click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T "
                    f"[default: {'random' if option_default('random_length') else 'fixed'}].")
 @click.option("--window-sampling", type=click.Choice(SAMPLINGS),
               help="B contiguous streams with the state carried, or rows at random places from a zero state "
@@ -129,8 +131,9 @@ def train(config_file, resume, force, **flags) -> None:
     config = merge_train_config(recipe, explicit, resume=resume, saved=saved)
     result = run_training(config, resume=resume, force=force)
     if result.signal_number is not None:
-        click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
-                   f"resume with: charlm train --out {shlex.quote(str(result.out))} --resume", err=True)
+        if result.rank == 0:  # one message from a data-parallel run, not one per process
+            click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
+                       f"resume with: charlm train --out {shlex.quote(str(result.out))} --resume", err=True)
         sys.exit(EXIT_SIGNAL_BASE + result.signal_number)
 
 
@@ -236,6 +239,32 @@ def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors
 
 def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", default=64, show_default=True, help="Requests generated together in one batched step.")
+@click.option("--max-waiting", default=64, show_default=True,
+              help="Requests that may wait for a place in the batch; beyond them the server answers 429.")
+@click.option("--threads", type=int,
+              help="Threads for the model's steps [default: the available cores]; 1 is quicker while other "
+                   "processes keep the cores busy.")
+def serve(checkpoint, host, port, max_batch, max_waiting, threads) -> None:
+    """Serve CHECKPOINT over the OpenAI completions API, with a page to try it at /."""
+    if max_batch < 1 or max_waiting < 0:
+        raise ConfigError(f"--max-batch must be at least 1 and --max-waiting at least 0, got {max_batch} and "
+                          f"{max_waiting}")
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be from 0 to 65535, got {port}")
+    for module in ("starlette", "uvicorn"):
+        import_extra(module, "serve", "charlm serve")
+    from charlm.serve import serve as run_server
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting, threads=threads)
 
 
 @cli.command()

@@ -47,13 +47,15 @@ def predicted_chars(tokenizer, ids: np.ndarray) -> int:
     return len(tokenizer.decode(ids)) - len(tokenizer.decode(ids[:1]))
 
 
-def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, seq_len: int = 256) -> EvalResult:
+def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, seq_len: int = 256,
+                 world=None) -> EvalResult:
     """Mean loss over all N-1 next-token predictions of `ids`, none dropped.
 
     The predictions are cut into `batch_size` contiguous streams of equal length, scored window by window
     with the state carried across windows (as in training); the few predictions left over after the last
     stream continue that stream's state in a final batch-1 pass. The trainer calls this for validation, so
     `charlm eval` with the same batch size and window reproduces the logged validation loss exactly.
+    With `world` (charlm.distributed), its processes score a share of the streams each and sum the nats.
     """
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch size and window must be positive, got {batch_size} and {seq_len}")
@@ -63,16 +65,24 @@ def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, se
     streams = min(batch_size, predictions)
     stream_len = predictions // streams
     covered = streams * stream_len
-    inputs = np.asarray(ids[:covered]).reshape(streams, stream_len).T
-    targets = np.asarray(ids[1:covered + 1]).reshape(streams, stream_len).T
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    first, stop = streams * rank // size, streams * (rank + 1) // size
+    inputs = np.asarray(ids[:covered]).reshape(streams, stream_len)[first:stop].T
+    targets = np.asarray(ids[1:covered + 1]).reshape(streams, stream_len)[first:stop].T
+    total_nats = 0.0
     with model.frozen_weights():
-        total_nats, state = _score_streams(model, inputs, targets, model.zero_state(streams), seq_len)
-        if covered < predictions:
+        if stop > first:
+            total_nats, state = _score_streams(model, inputs, targets, model.zero_state(stop - first), seq_len)
+        if covered < predictions and stop == streams:
             h, c = state
             last_stream = (np.ascontiguousarray(h[:, -1:]), np.ascontiguousarray(c[:, -1:]))
             tail_nats, _ = _score_streams(model, np.asarray(ids[covered:-1])[:, None],
                                           np.asarray(ids[covered + 1:])[:, None], last_stream, seq_len)
             total_nats += tail_nats
+    if world is not None:
+        total = np.array([total_nats])
+        world.sum_in_place(total)
+        total_nats = float(total[0])
     loss = total_nats / predictions
     return EvalResult(
         loss=loss,
