@@ -112,6 +112,20 @@ def test_echo_scores_a_text_as_charlm_eval_does(client, library):
     assert -np.sum(scores) == pytest.approx(expected.loss * expected.tokens, abs=1e-6 * expected.tokens)
 
 
+def test_echo_scores_a_short_prompt_read_inside_the_batch_the_same_way(client, library):
+    """Short prompts are fed one token a step inside the batched steps, long ones in windows of their own."""
+    from charlm.engine import PROMPT_TOKENS_IN_BATCH
+
+    model, tokenizer = library
+    text = "\nI like deep water."
+    assert len(text) <= PROMPT_TOKENS_IN_BATCH
+    reply = client.completions.create(model="love", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    scores = reply.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and len(scores) == len(text)
+    expected = evaluate(model, tokenizer, text, batch_size=1)
+    assert -np.mean(scores[1:]) == pytest.approx(expected.loss, abs=1e-6)
+
+
 def test_echo_with_generation_returns_prompt_then_continuation(client):
     reply = client.completions.create(model="love", prompt="I love", max_tokens=10, temperature=0, echo=True)
     plain = client.completions.create(model="love", prompt="I love", max_tokens=10, temperature=0)
