@@ -131,7 +131,8 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {args.rounds} rounds x {args.steps} steps; "
           f"1 thread per process")
-    header = (f"{'config':<9} {'procs':>5} {'tokens/s':>9} {'step ms':>8} {'compute ms':>10} {'wait ms':>8} "
+    width = max(9, *(len(config.name) for config in configs))
+    header = (f"{'config':<{width}} {'procs':>5} {'tokens/s':>9} {'step ms':>8} {'compute ms':>10} {'wait ms':>8} "
               f"{'allreduce ms':>12} {'update ms':>9} {'grad MB':>8} {'speed-up':>8} {'CPU tok/s':>10} {'CPU x':>6}")
     print(header)
     results = []
@@ -155,7 +156,7 @@ def main() -> None:
             speed_up = speeds[size] / speeds[1]
             verdict = "" if size == 1 else f"{speed_up:.2f}x {'ok' if speed_up >= TARGET_SPEEDUP else 'MISS'}"
             busy_up = "" if size == 1 else f"{busy_speeds[size] / busy_speeds[1]:.2f}x"
-            print(f"{config.name:<9} {size:>5} {speeds[size]:>9,.0f} {record['step_ms']:>8.1f} "
+            print(f"{config.name:<{width}} {size:>5} {speeds[size]:>9,.0f} {record['step_ms']:>8.1f} "
                   f"{record['compute_ms']:>10.1f} {record['wait_ms']:>8.2f} {record['allreduce_ms']:>12.2f} "
                   f"{record['update_ms']:>9.1f} "
                   f"{record['gradient_bytes'] / 1e6:>8.1f} {verdict:>8} {busy_speeds[size]:>10,.0f} {busy_up:>6}")
