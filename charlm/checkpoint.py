@@ -158,6 +158,17 @@ def load_checkpoint(folder: str | os.PathLike, load_optimizer: bool = False) -> 
     )
 
 
+def saved_train_config(run: str | os.PathLike) -> dict | None:
+    """The training options of the run checkpointed in `run/last`, or None when there is nothing to resume."""
+    last = Path(run) / "last"
+    if not last.exists():
+        return None
+    train_config = load_checkpoint(last).train_config
+    if train_config is None:
+        raise _checkpoint_error(f"{last} records no training options to resume with; start a new run with --force")
+    return train_config
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Map what a user types to a checkpoint folder.
 

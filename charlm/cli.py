@@ -15,20 +15,19 @@ import sys
 
 import click
 
-from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint
-from charlm.corpus import resolve_corpus
+from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint, saved_train_config
+from charlm.config import (DEFAULT_TIME_BUDGET_MINUTES, DTYPES, FIELD_OF_FLAG, load_recipe, merge_train_config,
+                           option_default)
+from charlm.corpus import ERROR_MODES, SPLITS, resolve_corpus
 from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
 from charlm.optim import SCHEDULES
 from charlm.sample import complete as complete_blank
-from charlm.sample import generate_text, validate_sampling
-from charlm.train import (DEFAULT_TIME_BUDGET_MINUTES, ENCODING_ERRORS, TOKENIZERS, TrainConfig, load_recipe,
-                          merge_options, option_default, saved_train_config)
+from charlm.sample import generate_text
+from charlm.tokenize import KINDS, UNKNOWN_MODES
 from charlm.train import train as run_training
 
-UNKNOWN_POLICIES = ("error", "replace")
-SPLITS = ("train", "valid", "test")
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128
 
@@ -64,18 +63,14 @@ def cli() -> None:
     """CPU-first LSTM language models: train, sample, fill in blanks, evaluate."""
 
 
-# Flag name -> TrainConfig field for the options whose names differ.
-TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "embed_dim", "warmup": "warmup_steps"}
-
-
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML recipe (e.g. configs/tinyshakespeare.toml); flags override it.")
 @click.option("--corpus", help="Registered corpus name or a path to a text file or folder.")
 @click.option("--out", help="Run folder for last/, best/ and metrics.jsonl.")
-@click.option("--tokenizer", type=click.Choice(TOKENIZERS), help=f"Token unit [default: {option_default('tokenizer')}].")
+@click.option("--tokenizer", type=click.Choice(KINDS), help=f"Token unit [default: {option_default('tokenizer')}].")
 @click.option("--vocab-size", type=int, help="Vocabulary size: a cap for char/word, the target for bpe.")
-@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS),
+@click.option("--encoding-errors", type=click.Choice(ERROR_MODES),
               help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {option_default('encoding_errors')}].")
 @click.option("--valid-fraction", type=float,
               help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
@@ -88,7 +83,7 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--weight-drop", type=float,
               help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {option_default('weight_drop')}].")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]),
+@click.option("--dtype", type=click.Choice(DTYPES),
               help=f"Parameter dtype [default: {option_default('dtype')}].")
 @click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {option_default('seq_len')}].")
 @click.option("--batch-size", type=int, help=f"Parallel streams B [default: {option_default('batch_size')}].")
@@ -120,11 +115,11 @@ TRAIN_FLAG_FIELDS = {"layers": "num_layers", "hidden": "hidden_size", "embed": "
 @click.option("--force", is_flag=True, help="Replace a run already in --out.")
 def train(config_file, resume, force, **flags) -> None:
     """Train an LSTM language model on a corpus."""
-    explicit = {TRAIN_FLAG_FIELDS.get(name, name): value for name, value in flags.items() if value is not None}
+    explicit = {FIELD_OF_FLAG.get(name, name): value for name, value in flags.items() if value is not None}
     recipe = load_recipe(config_file) if config_file else {}
     out = explicit.get("out", recipe.get("out"))
-    saved = (saved_train_config(out) or {}) if resume and out else {}
-    config = TrainConfig.from_dict(merge_options(saved, recipe, explicit))
+    saved = saved_train_config(out) if resume and out else None
+    config = merge_train_config(recipe, explicit, resume=resume, saved=saved)
     result = run_training(config, resume=resume, force=force)
     if result.signal_number is not None:
         click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
@@ -146,7 +141,7 @@ def _require_unicode(text: str, what: str) -> str:
 
 
 def _unknown_option():
-    return click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default="error", show_default=True,
+    return click.option("--unknown", type=click.Choice(UNKNOWN_MODES), default="error", show_default=True,
                         help="Prompt characters/words outside the vocabulary: fail, or map to the unknown token.")
 
 
@@ -155,17 +150,13 @@ def _unknown_option():
 @click.option("--prompt", default="", help="Text to continue (printed first), read as the start of a line.")
 @click.option("--length", default=500, show_default=True, help="Tokens to sample.")
 @click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, help="Sample among the k likeliest tokens [default: all].")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 = all.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1]; 1 = off.")
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("--num-samples", default=1, show_default=True, help="Independent samples (seed, seed+1, ...).")
 @_unknown_option()
 def generate(checkpoint, prompt, length, temperature, top_k, top_p, seed, num_samples, unknown) -> None:
     """Stream text sampled from CHECKPOINT (a run folder or a checkpoint folder)."""
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1 (leave it out to sample from all tokens), got {top_k}")
-    top_k = top_k or 0
-    validate_sampling(length, temperature, top_k, top_p)
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
     _require_unicode(prompt, "--prompt")
@@ -191,8 +182,6 @@ def generate(checkpoint, prompt, length, temperature, top_k, top_p, seed, num_sa
 @_unknown_option()
 def complete(checkpoint, text, top, beam_width, as_json, unknown) -> None:
     """Rank the likeliest words for the blank ___ in TEXT, e.g. "I love machine ___"."""
-    if top < 1 or beam_width < 1:
-        raise ConfigError(f"--top and --beam-width must be at least 1, got {top} and {beam_width}")
     _require_unicode(text, "the text")
     model, tokenizer, _ = load_model(checkpoint)
     completions = complete_blank(model, tokenizer, text, top=top, beam_width=beam_width, unknown=unknown)
@@ -211,15 +200,13 @@ def complete(checkpoint, text, top, beam_width, as_json, unknown) -> None:
               help="Split to score [default: test, or valid when the corpus has no test split].")
 @click.option("--batch-size", default=16, show_default=True, help="Parallel streams.")
 @click.option("--seq-len", default=256, show_default=True, help="Window length (the state is carried across).")
-@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict", show_default=True,
+@click.option("--encoding-errors", type=click.Choice(ERROR_MODES), default="strict", show_default=True,
               help="Non-UTF-8 corpus bytes: fail, or replace with U+FFFD.")
-@click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default="error", show_default=True,
+@click.option("--unknown", type=click.Choice(UNKNOWN_MODES), default="error", show_default=True,
               help="Text outside the vocabulary: fail, or map to the unknown token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors, unknown, as_json) -> None:
     """Loss (nats/token), perplexity and bits per character of CHECKPOINT on a corpus split."""
-    if batch_size < 1 or seq_len < 1:
-        raise ConfigError(f"--batch-size and --seq-len must be positive, got {batch_size} and {seq_len}")
     model, tokenizer, ckpt = load_model(checkpoint)
     trained_on = ckpt.train_config or {}
     corpus = corpus or trained_on.get("corpus")

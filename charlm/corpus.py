@@ -31,7 +31,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from charlm import utf8
+from charlm.kernels import utf8
 from charlm.errors import ConfigError, CorpusError
 from charlm.runtime import available_cores
 

@@ -24,9 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charlm.config import require_int
 from charlm.corpus import TextSpan, cache_dir, map_chunks
-from charlm.errors import ConfigError, CorpusError
+from charlm.errors import ConfigError, CorpusError, require_int
 from charlm.tokenize import Tokenizer
 
 RANDOM_LENGTH_STD = 5.0

@@ -19,27 +19,26 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from charlm import kernels
+from charlm.kernels import generate, gemm, lstm
+from charlm.kernels.dropout import dropout_mask
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.runtime import (available_cores, ensure_threads_limited, one_cpu_each, others_keep_cores_busy,
-                            parallel_chunks, parallel_matmul, pinned_to_cpu, single_threaded_blas, thread_count)
+from charlm.runtime import (available_cores, ensure_threads_limited, meeting_counters, meetings_released_on_error,
+                            one_cpu_each, others_keep_cores_busy, parallel_chunks, parallel_matmul, pinned_to_cpu,
+                            single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
 # Batch-1 generation splits each token's products across as many threads as give each at least this many
 # weight bytes to read (about one core's L2): below it one core streams them about as fast as two, and the
-# threads' meetings (L + 1 a token) cost more than they save. Measured on the 2-core Zen 4 machine, µs/token
-# on 1 vs 2 threads: V=65 2x64 3.8 vs 7.1, 2x128 (0.8 MB) 11.3 vs 10.5, 2x192 (1.8 MB) 24.3 vs 17.8, char-256
-# (3 MB) 41.8 vs 27.6, char-512 (12 MB) 171 vs 89.
+# threads' meetings (L + 1 a token) cost more than they save (measurements in benchmarks/README.md).
 PARALLEL_GENERATION_BYTES = 1 << 20
 # While generating on several threads, how often (seconds) to check that no other process has come to share
-# the cores (a meeting then waits for a descheduled thread: char-256 tokens ~3x slower than on one thread),
+# the cores (a meeting then waits for a descheduled thread, far slower than one thread alone),
 # and how soon to look again after a check found one, which may be passing through.
 LOAD_CHECK_SECONDS = (0.25, 0.01)
-# Tokens sampled per compiled call after the first: the call's own cost (~4 us with 24 arguments to
-# type-check) and, on several threads, waking the pool's thread are paid once per chunk (char-256 on two
-# threads, median µs/token over 40 texts: 28.0 with chunks of 16, 24.6 with 64), and a chunk of a large
-# model still arrives within a blink (64 x ~0.3-0.65 ms on bpe-512).
+# Tokens sampled per compiled call after the first: the call's own cost (type-checking its arguments) and,
+# on several threads, waking the pool's thread are paid once per chunk, and a chunk of a large model still
+# arrives within a blink.
 GENERATION_CHUNK = 64
 
 
@@ -173,10 +172,10 @@ class _Workspace:
 
     @staticmethod
     def _panels(n_out: int, n_in: int, dtype, batch: int) -> np.ndarray:
-        """Room for a (n_out, n_in) matrix packed by kernels.pack_panels; empty where panels do not apply,
+        """Room for a (n_out, n_in) matrix packed by gemm.pack_panels; empty where panels do not apply,
         e.g. for the few rows of beam search, which then skips packing W_hh at every step."""
-        width = kernels.panel_width(dtype)
-        n_panels = n_out // width if kernels.panels_apply(n_out, dtype, batch) else 0
+        width = gemm.panel_width(dtype)
+        n_panels = n_out // width if gemm.panels_apply(n_out, dtype, batch) else 0
         return np.zeros((n_panels, n_in, width), dtype)
 
 
@@ -262,7 +261,7 @@ class LSTMLanguageModel:
     @staticmethod
     def _fill_mask(mask: np.ndarray, rng, rate: float) -> None:
         """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate); rng draws only its key."""
-        kernels.dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate)
+        dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate)
 
     def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:
         """Each layer's W_hh as this window uses it: the parameter, or its masked copy under weight drop."""
@@ -276,7 +275,7 @@ class LSTMLanguageModel:
 
         The time loop runs on the threads' shares of the batch rows, which stay independent for all T:
         in training a layer at a time (backward needs every layer's activations), in inference all layers
-        at once (`kernels.lstm_stack_forward`)."""
+        at once (`lstm.lstm_stack_forward`)."""
         if not ws.train:
             return self._run_stack(ws, ids, h0, c0, recurrent, use_table)
         steps, batch = ids.shape
@@ -295,15 +294,15 @@ class LSTMLanguageModel:
                 np.matmul(params["embedding"], w_ih.T, out=ws.table)
             else:
                 if layer == 0:
-                    kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
+                    lstm.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
                     inputs = ws.embedded
                 else:
                     inputs = self._layer_input(ws, layer, masks)
                 self._project(inputs.reshape(n_tokens, -1), w_ih, ws.w_ih_panels[layer], bias,
                               acts.reshape(n_tokens, 4 * hidden))
 
-            kernels.pack_panels(w_hh, ws.w_hh_panels[layer])
-            parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_forward(
+            gemm.pack_panels(w_hh, ws.w_hh_panels[layer])
+            parallel_chunks(batch, lambda lo, hi: lstm.lstm_layer_forward(
                 acts, table, ws.table, ids, w_hh, ws.w_hh_panels[layer], bias, h, c, tanh_c, lo, hi))
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
 
@@ -344,20 +343,20 @@ class LSTMLanguageModel:
             ws.c[layer][0] = c0[layer]
         if self._needs_packing(("layers", batch)):
             for layer in layers:
-                kernels.pack_panels(recurrent[layer], ws.w_hh_panels[layer])
+                gemm.pack_panels(recurrent[layer], ws.w_hh_panels[layer])
                 if layer > 0:
-                    kernels.pack_panels(w_ih[layer], ws.w_ih_panels[layer])
+                    gemm.pack_panels(w_ih[layer], ws.w_ih_panels[layer])
         if self._needs_packing(("layer 0 input", batch, use_table)):
             if use_table:
                 np.matmul(params["embedding"], w_ih[0].T, out=ws.table)
             else:
-                kernels.pack_panels(w_ih[0], ws.w_ih_panels[0])
+                gemm.pack_panels(w_ih[0], ws.w_ih_panels[0])
         acts0 = ws.acts[0]
         if not use_table:
-            kernels.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
+            lstm.embedding_forward(params["embedding"], ids.reshape(-1), ws.embedded.reshape(n_tokens, -1))
             self._project(ws.embedded.reshape(n_tokens, -1), w_ih[0], ws.w_ih_panels[0], biases[0],
                           acts0.reshape(n_tokens, -1), packed=True)
-        parallel_chunks(batch, lambda lo, hi: kernels.lstm_stack_forward(
+        parallel_chunks(batch, lambda lo, hi: lstm.lstm_stack_forward(
             acts0, use_table, ws.table, ids, w_ih, tuple(ws.w_ih_panels), tuple(recurrent), tuple(ws.w_hh_panels),
             biases, tuple(ws.h), tuple(ws.c), ws.gates, ws.tanh_step, lo, hi))
         return ws.h[-1][1:].reshape(n_tokens, -1)
@@ -365,16 +364,16 @@ class LSTMLanguageModel:
     @staticmethod
     def _project(x: np.ndarray, w: np.ndarray, panels: np.ndarray, bias: np.ndarray, out: np.ndarray,
                  packed: bool = False) -> None:
-        """out = x @ wᵀ + bias for a whole window, through the register tiles where the shapes allow (on
-        the model's shapes 15-28 % quicker than OpenBLAS, measured side by side), else BLAS. `packed`: the
-        panels already hold w."""
+        """out = x @ wᵀ + bias for a whole window, through the register tiles where the shapes allow (quicker
+        than OpenBLAS on the model's shapes, whose rows are few), else BLAS. `packed`: the panels already
+        hold w."""
         if panels.shape[0] == 0:
             parallel_matmul(x, w.T, out)
             out += bias
             return
         if not packed:
-            kernels.pack_panels(w, panels)
-        parallel_chunks(x.shape[0], lambda lo, hi: kernels.project_rows(x, w, panels, bias, out, lo, hi))
+            gemm.pack_panels(w, panels)
+        parallel_chunks(x.shape[0], lambda lo, hi: gemm.project_rows(x, w, panels, bias, out, lo, hi))
 
     @staticmethod
     def _layer_input(ws: _Workspace, layer: int, masks) -> np.ndarray:
@@ -414,8 +413,8 @@ class LSTMLanguageModel:
 
         def cross_entropy(lo: int, hi: int) -> float:
             if train:
-                return kernels.softmax_xent_forward_backward(logits[lo:hi], bias, flat_targets[lo:hi], 1.0 / n_tokens)
-            return kernels.softmax_xent_forward(logits[lo:hi], bias, flat_targets[lo:hi])
+                return lstm.softmax_xent_forward_backward(logits[lo:hi], bias, flat_targets[lo:hi], 1.0 / n_tokens)
+            return lstm.softmax_xent_forward(logits[lo:hi], bias, flat_targets[lo:hi])
 
         with single_threaded_blas():
             outputs = self._run_layers(ws, ids, h0, c0, masks, recurrent, use_table)
@@ -471,10 +470,10 @@ class LSTMLanguageModel:
             mask = ws.ones if masks is None else masks[layer + 1]
             if ws.w_hh_t.shape[0]:
                 np.copyto(ws.w_hh_t, w_hh.T)
-            kernels.pack_panels(w_hh.T, ws.w_hh_t_panels)
+            gemm.pack_panels(w_hh.T, ws.w_hh_t_panels)
             ws.d_h.fill(0.0)
             ws.d_c.fill(0.0)
-            parallel_chunks(batch, lambda lo, hi: kernels.lstm_layer_backward(
+            parallel_chunks(batch, lambda lo, hi: lstm.lstm_layer_backward(
                 acts, ws.w_hh_t, ws.w_hh_t_panels, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi))
             d_h0[layer] = ws.d_h
             d_c0[layer] = ws.d_c
@@ -483,7 +482,7 @@ class LSTMLanguageModel:
             if layer == 0 and use_table:
                 d_table = ws.d_table
                 d_table.fill(0.0)
-                parallel_chunks(4 * hidden, lambda lo, hi: kernels.embedding_backward(
+                parallel_chunks(4 * hidden, lambda lo, hi: lstm.embedding_backward(
                     d_table[:, lo:hi], flat_ids, d_gates[:, lo:hi]))
                 parallel_matmul(d_table.T, params["embedding"], grads["lstm.0.w_ih"])
                 np.sum(d_table, axis=0, out=grads["lstm.0.bias"])
@@ -496,7 +495,7 @@ class LSTMLanguageModel:
                 parallel_matmul(d_gates, w_ih, d_embedded)
                 d_embedding = grads["embedding"]
                 d_embedding.fill(0.0)
-                parallel_chunks(d_embedding.shape[1], lambda lo, hi: kernels.embedding_backward(
+                parallel_chunks(d_embedding.shape[1], lambda lo, hi: lstm.embedding_backward(
                     d_embedding[:, lo:hi], flat_ids, d_embedded[:, lo:hi]))
             else:
                 inputs = self._layer_input_saved(ws, layer, masks)
@@ -542,8 +541,7 @@ class LSTMLanguageModel:
         gives the same tokens, on any number of threads. Tokens come from compiled code that runs all layers,
         the decoder and the sampler, GENERATION_CHUNK of them per call after the first."""
         prompt = self._check_ids(np.asarray(prompt_ids).reshape(-1, 1), "prompt_ids")[:, 0]
-        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
-            raise ConfigError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         return self._generate(prompt, max_new_tokens, float(temperature), int(top_k), float(top_p), seed)
 
     def _generate(self, prompt: np.ndarray, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -555,24 +553,26 @@ class LSTMLanguageModel:
         gates = np.empty((self.config.num_layers, 4 * hidden), self._dtype)
         logits = np.empty((1, vocab), self._dtype)
         tokens = np.empty(GENERATION_CHUNK, np.int64)
-        # Never more threads than CPUs: two meeting threads that share one run ~3x slower than one thread.
+        # Never more threads than CPUs: two meeting threads that share one run far slower than one thread.
         threads = max(1, min(thread_count(), available_cores(),
                              self._generation_bytes(weights) // max(PARALLEL_GENERATION_BYTES, 1)))
-        meetings = kernels.meeting_counters(threads)
+        meetings = meeting_counters(threads)
         # Each thread's own state and scratch; the first thread's state is the caller's h, c.
         own = [((h, c) if part == 0 else (h.copy(), c.copy()))
-               + (np.empty(hidden, self._dtype), np.empty(hidden, self._dtype), np.empty(vocab, np.float64))
+               + (generate.GenerationScratch(gates, logits, np.empty(hidden, self._dtype),
+                                             np.empty(hidden, self._dtype), np.empty(vocab, np.float64)),)
                for part in range(threads)]
+        sampling = generate.Sampling(temperature, top_k, top_p)
         cpus = one_cpu_each(threads)
         rng = np.random.default_rng(seed)
         token = int(prompt[-1])
         n_parts, next_load_check = 1, 0.0
 
         def sample(part: int, _: int) -> None:
-            h_part, c_part, c_next, tanh_c, probs = own[part]
-            with pinned_to_cpu(cpus[part] if n_parts > 1 else None), kernels.meetings_released_on_error(meetings):
-                kernels.generate_tokens(part, n_parts, meetings, token, h_part, c_part, *weights, temperature, top_k,
-                                        top_p, uniforms, tokens, gates, logits, c_next, tanh_c, probs)
+            h_part, c_part, scratch = own[part]
+            with pinned_to_cpu(cpus[part] if n_parts > 1 else None), meetings_released_on_error(meetings):
+                generate.generate_tokens(part, n_parts, meetings, token, h_part, c_part, weights, sampling, uniforms,
+                                         tokens, scratch)
 
         done = 0
         while done < max_new_tokens:
@@ -580,33 +580,32 @@ class LSTMLanguageModel:
                 busy = others_keep_cores_busy()
                 n_parts = 1 if busy else threads
                 next_load_check = time.perf_counter() + LOAD_CHECK_SECONDS[busy]
-            for h_part, c_part, *_ in own[1:n_parts]:
+            for h_part, c_part, _ in own[1:n_parts]:
                 h_part[...], c_part[...] = h, c
             meetings[:] = 0
             # The first token alone, so it streams out as soon as the prompt is read.
             count = min(GENERATION_CHUNK if done else 1, max_new_tokens - done)
             done += count
             uniforms = rng.random(count)  # the same numbers as `count` single draws: chunking never changes text
-            with kernels.meetings_released_on_error(meetings):  # also Ctrl-C before this thread's part began
+            with meetings_released_on_error(meetings):  # also Ctrl-C before this thread's part began
                 parallel_chunks(n_parts, sample)  # one thread per part
             token = int(tokens[count - 1])
             yield from tokens[:count].tolist()
 
     @staticmethod
-    def _generation_bytes(weights: tuple) -> int:
-        """Weight bytes one generation step reads (`weights` from `_generation_weights`)."""
-        _, table, w_ih, w_hh, _, decoder, *_ = weights
-        inputs = w_ih[1:] if table.shape[0] else w_ih
-        return sum(w.nbytes for w in (*inputs, *w_hh, decoder))
+    def _generation_bytes(weights: generate.GenerationWeights) -> int:
+        """Weight bytes one generation step reads."""
+        inputs = weights.w_ih[1:] if weights.table0.shape[0] else weights.w_ih
+        return sum(w.nbytes for w in (*inputs, *weights.w_hh, weights.decoder_weight))
 
-    def _generation_weights(self, max_new_tokens: int) -> tuple:
-        """Arguments for `kernels.generate_tokens`, built from the current params (the optimizer may have changed
+    def _generation_weights(self, max_new_tokens: int) -> generate.GenerationWeights:
+        """The weights batch-1 generation reads, from the current params (the optimizer may have changed
         them); the layer-0 table is worth its V*E*4H cost only when generating at least ~V tokens."""
         params, layers = self.params, range(self.config.num_layers)
         use_table = self.config.vocab_size <= max_new_tokens
         if use_table:
             # On this model's threads: a multi-threaded BLAS call would leave OpenBLAS's threads spinning for
-            # ~0.1 s, taking a core from the generation threads (2-thread char-256 tokens 29 -> 60-120 µs).
+            # a while, taking a core from the generation threads.
             table = np.empty((self.config.vocab_size, 4 * self.config.hidden_size), self._dtype)
             with single_threaded_blas():
                 parallel_matmul(params["embedding"], params["lstm.0.w_ih"].T, table)
@@ -614,20 +613,33 @@ class LSTMLanguageModel:
             table = np.zeros((0, 4 * self.config.hidden_size), self._dtype)
         w_ih = tuple(params[f"lstm.{layer}.w_ih"] for layer in layers)
         w_hh = tuple(params[f"lstm.{layer}.w_hh"] for layer in layers)
-        panels = (
-            tuple(self._vector_panels(w, needed=layer > 0 or not use_table) for layer, w in enumerate(w_ih)),
-            tuple(self._vector_panels(w) for w in w_hh),
-            self._vector_panels(self._decoder_weight),
-        )
-        return (params["embedding"], table, w_ih, w_hh, tuple(params[f"lstm.{layer}.bias"] for layer in layers),
-                self._decoder_weight, params["decoder.bias"], panels)
+        return generate.GenerationWeights(
+            embedding=params["embedding"], table0=table, w_ih=w_ih, w_hh=w_hh,
+            bias=tuple(params[f"lstm.{layer}.bias"] for layer in layers),
+            decoder_weight=self._decoder_weight, decoder_bias=params["decoder.bias"],
+            w_ih_panels=tuple(self._vector_panels(w, needed=layer > 0 or not use_table)
+                              for layer, w in enumerate(w_ih)),
+            w_hh_panels=tuple(self._vector_panels(w) for w in w_hh),
+            decoder_panels=self._vector_panels(self._decoder_weight))
 
     def _vector_panels(self, matrix: np.ndarray, needed: bool = True) -> np.ndarray:
-        """The whole blocks of `matrix`'s rows packed for batch-1 products (kernels.generate_tokens): panels
+        """The whole blocks of `matrix`'s rows packed for batch-1 products (generate.generate_tokens): panels
         VECTOR_PANELS vectors wide, so each k reads one contiguous stretch; the rows after them stay dot
         products."""
-        block = kernels.VECTOR_PANELS * kernels.panel_width(self._dtype)
+        block = gemm.VECTOR_PANELS * gemm.panel_width(self._dtype)
         n_blocks = matrix.shape[0] // block if needed else 0
         panels = np.empty((n_blocks, matrix.shape[1], block), self._dtype)
-        kernels.pack_panels(matrix[:n_blocks * block], panels)
+        gemm.pack_panels(matrix[:n_blocks * block], panels)
         return panels
+
+
+def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    """The one check of the sampling options, in the words of the `generate` flags."""
+    if length < 1:
+        raise ConfigError(f"length must be at least 1, got {length}")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top-k must be >= 0 (0 = all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")

@@ -1,7 +1,8 @@
 """AdamW, weight averaging, global-norm gradient clipping and learning-rate schedules.
 
-The per-element update runs in one compiled kernel over all parameters (`kernels.adamw_update`), so an
-optimizer step costs one pass over memory; this module only decides what goes into it.
+The per-element work (the AdamW update, the weight average, the gradients' sum of squares) runs in compiled
+kernels, at the end of this module, in one parallel pass over all parameters laid end to end: handing
+each small array to a thread of its own would cost more than its work.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 from charlm.errors import CheckpointError, ConfigError
-from charlm.kernels import adamw_update, moving_average_update, sum_of_squares
+from charlm.kernels.fastmath import ERROR_MODEL, FASTMATH
+from charlm.runtime import MIN_ELEMENTWISE_CHUNK, parallel_chunks
 
 SCHEDULES = ("cosine", "constant", "plateau")
 
@@ -183,3 +186,88 @@ class PlateauDecay:
         self.scale = float(state["scale"])
         self.best = math.inf if state["best"] is None else float(state["best"])
         self.bad_evals = int(state["bad_evals"])
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _adamw_kernel(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    one = param.dtype.type(1.0)
+    b1 = param.dtype.type(beta1)
+    b2 = param.dtype.type(beta2)
+    decay = param.dtype.type(1.0 - lr * weight_decay)
+    step_size = param.dtype.type(lr / (1.0 - beta1**step))
+    inv_root_correction = param.dtype.type(1.0 / np.sqrt(1.0 - beta2**step))
+    epsilon = param.dtype.type(eps)
+    for n in range(param.shape[0]):
+        g = grad[n]
+        m[n] = b1 * m[n] + (one - b1) * g
+        v[n] = b2 * v[n] + (one - b2) * g * g
+        param[n] = param[n] * decay - step_size * m[n] / (np.sqrt(v[n]) * inv_root_correction + epsilon)
+
+
+def _pieces(sizes: list[int], lo: int, hi: int):
+    """(array index, start, stop) of each part of the range [lo, hi) of arrays of these sizes laid end to end:
+    one parallel pass over many arrays, since handing each small array to a thread costs more than its work."""
+    first = 0
+    for index, size in enumerate(sizes):
+        if first < hi and first + size > lo:
+            yield index, max(lo, first) - first, min(hi, first + size) - first
+        first += size
+
+
+def _flat_groups(groups, caller: str) -> list[list[np.ndarray]]:
+    """Flat views of each group's arrays, which must share one shape and be C-contiguous (updated in place)."""
+    for arrays in groups:
+        if any(not a.flags.c_contiguous for a in arrays) or len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"{caller} needs C-contiguous arrays of one shape")
+    return [[a.reshape(-1) for a in arrays] for arrays in groups]
+
+
+def _over_pieces(flats: list[list[np.ndarray]], work) -> list:
+    """work(index, slices) for every piece (see `_pieces`) of the groups of flat arrays laid end to end, the
+    slices being the same stretch of each of group `index`'s arrays; one parallel pass, results in order."""
+    sizes = [arrays[0].size for arrays in flats]
+
+    def chunk(lo: int, hi: int) -> list:
+        return [work(index, [a[start:stop] for a in flats[index]]) for index, start, stop in _pieces(sizes, lo, hi)]
+
+    return [result for results in parallel_chunks(sum(sizes), chunk, min_chunk=MIN_ELEMENTWISE_CHUNK)
+            for result in results]
+
+
+def adamw_update(groups, lr, beta1, beta2, eps, step) -> None:
+    """AdamW in place on every (param, grad, m, v, weight_decay) of groups: decoupled weight decay
+    (p -= lr*wd*p), then Adam with bias correction for `step` (1-based).
+
+    Each group's arrays: same shape and dtype, C-contiguous (updated through flat views)."""
+    flats = _flat_groups([arrays for *arrays, _ in groups], "adamw_update")
+    decays = [float(weight_decay) for *_, weight_decay in groups]
+    scalars = (float(lr), float(beta1), float(beta2), float(eps))
+    _over_pieces(flats, lambda index, arrays: _adamw_kernel(*arrays, *scalars, decays[index], int(step)))
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
+def _moving_average_kernel(average, value, weight):
+    w = average.dtype.type(weight)
+    for n in range(average.shape[0]):
+        average[n] += w * (value[n] - average[n])
+
+
+def moving_average_update(pairs, weight: float) -> None:
+    """average += weight * (value - average) for every (average, value) of pairs, in one parallel pass."""
+    _over_pieces(_flat_groups(pairs, "moving_average_update"),
+                 lambda index, arrays: _moving_average_kernel(*arrays, float(weight)))
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _sum_of_squares_kernel(flat):
+    total = 0.0
+    for n in range(flat.shape[0]):
+        x = np.float64(flat[n])
+        total += x * x
+    return total
+
+
+def sum_of_squares(arrays) -> float:
+    """Σ x² over all the arrays, accumulated in float64 (for global-norm gradient clipping)."""
+    flats = [[np.ascontiguousarray(a).reshape(-1)] for a in arrays]
+    return float(sum(_over_pieces(flats, lambda index, pieces: _sum_of_squares_kernel(pieces[0]))))

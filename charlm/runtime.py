@@ -3,11 +3,14 @@ the cores. The model parallelises itself instead: `parallel_chunks` gives each t
 (e.g. of the batch rows, which an LSTM keeps independent through all T steps) while BLAS runs one thread
 per call, so threads meet once per phase instead of in every time step. Per-step barriers inside a
 multi-threaded BLAS cost little on an idle machine but are ruinous when other processes share the cores.
+Batch-1 generation is the exception: its threads meet several times per token, at the spinning barrier
+`meet` of compiled code (see `meeting_counters`).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +18,16 @@ from contextlib import AbstractContextManager, contextmanager
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 from charlm.errors import ConfigError
+
+# Below this many elements an elementwise pass is not worth handing to a second thread.
+MIN_ELEMENTWISE_CHUNK = 1 << 15
 
 _controller: ThreadpoolController | None = None
 _limiter = None  # keeps threadpoolctl's limits object alive for the life of the process
@@ -69,7 +79,7 @@ def pinned_to_cpu(cpu: int | None) -> Iterator[None]:
     """Run the calling thread on that one CPU inside the block, then as before (Linux; elsewhere, or with
     None, or where the OS refuses, as it is). For threads that meet every few microseconds and so need a
     core each: woken after an idle spell, Linux at times put two of generation's threads on one CPU for
-    ~50 ms (char-256 tokens 24 -> ~130 µs) before it moved one away."""
+    tens of milliseconds before it moved one away."""
     before = None
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         try:
@@ -148,3 +158,103 @@ def parallel_matmul(a, b, out) -> None:
         np.matmul(a[start:stop], b, out=out[start:stop])
 
     parallel_chunks(a.shape[0], rows)
+
+
+_MEETING_STRIDE = 8  # int64 counters 64 bytes apart, so each thread's counter has a cache line of its own
+# A counter value above any count: a thread whose own counter holds it returns from every meeting, and one
+# waiting on it stops waiting (see `meetings_released_on_error`).
+_ABANDONED = 1 << 62
+# A waiting thread pauses this many times (some µs) before it starts yielding its core at every turn.
+_SPINS_BEFORE_YIELD = 1 << 10
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _is_counters(array_type) -> bool:
+    """Whether a Numba type is the int64, C-contiguous array of `meeting_counters`."""
+    return isinstance(array_type, types.Array) and array_type.dtype == types.int64 and array_type.layout == "C"
+
+
+@intrinsic
+def _publish(typingctx, counters, index, value):
+    """counters[index] = value as a release store: a thread that reads the new value (`_observe`) also sees
+    every write made before it."""
+    if not _is_counters(counters):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        builder.store_atomic(args[2], builder.gep(array.data, [args[1]]), ordering="release", align=8)
+        return context.get_dummy_value()
+
+    return types.void(counters, types.intp, types.int64), codegen
+
+
+@intrinsic
+def _observe(typingctx, counters, index):
+    """counters[index] as an acquire load (see `_publish`), read afresh on every call."""
+    if not _is_counters(counters):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(array.data, [args[1]]), ordering="acquire", align=8)
+
+    return types.int64(counters, types.intp), codegen
+
+
+@intrinsic
+def _wait_a_little(typingctx, spins):
+    """One turn of a spin-wait: the CPU's pause hint while spins < _SPINS_BEFORE_YIELD, then sched_yield, so
+    that a waiting thread which shares its core with the one it waits for hands the core over."""
+    if not isinstance(spins, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        module = builder.module
+        short = builder.icmp_signed("<", args[0], ir.Constant(args[0].type, _SPINS_BEFORE_YIELD))
+        with builder.if_else(short) as (then, otherwise):
+            with then:
+                if _X86:
+                    builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), []),
+                                                                "llvm.x86.sse2.pause"), [])
+            with otherwise:
+                builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.IntType(32), []),
+                                                            "sched_yield"), [])
+        return context.get_dummy_value()
+
+    return types.void(spins), codegen
+
+
+def meeting_counters(n_parts: int) -> np.ndarray:
+    """Zeroed counters for `meet` among n_parts threads: one per 64-byte line, so no thread's spinning reads
+    the line another writes."""
+    return np.zeros(n_parts * _MEETING_STRIDE, np.int64)
+
+
+@contextmanager
+def meetings_released_on_error(meetings):
+    """If the body raises (a thread that never came to its meetings: Ctrl-C before the call, a failed
+    dispatch), mark every counter abandoned, so that no other thread waits for it forever; then re-raise."""
+    try:
+        yield
+    except BaseException:
+        meetings[:] = _ABANDONED
+        raise
+
+
+@njit(cache=True, nogil=True)
+def meet(meetings, part, n_parts):
+    """Barrier of the n_parts threads of one generation call: each counts its arrivals in its own slot of
+    meetings (`meeting_counters`, zero on entry to the call) and waits until every other has arrived as often.
+    A spinning wait, as the threads meet every few microseconds: a sleeping one would take longer to wake."""
+    if n_parts == 1:
+        return
+    arrived = _observe(meetings, part * _MEETING_STRIDE) + 1
+    if arrived > _ABANDONED:
+        return
+    _publish(meetings, part * _MEETING_STRIDE, arrived)
+    for other in range(n_parts):
+        spins = 0
+        while _observe(meetings, other * _MEETING_STRIDE) < arrived:
+            _wait_a_little(spins)
+            spins += 1

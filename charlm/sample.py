@@ -24,18 +24,6 @@ class Completion:
     prob: float
 
 
-def validate_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
-    """One place for the sampling flags' ranges, so the library and the CLI reject the same values."""
-    if length < 1:
-        raise ConfigError(f"length must be at least 1, got {length}")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"top-k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
-
-
 def _line_start_ids(tokenizer) -> np.ndarray:
     """The token that starts a line (a newline, or <eos> for words); none when the vocabulary lacks it."""
     try:
@@ -63,21 +51,20 @@ def generate_text(model, tokenizer, prompt: str, length: int = 500, temperature:
 
     `length` counts sampled tokens; temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
     the same seed gives the same text. The prompt is read as the start of a line (`context_ids`).
-    Flags and the prompt are checked here, before the first chunk.
+    The options (by the model) and the prompt are checked here, before the first chunk.
     """
-    validate_sampling(length, temperature, top_k, top_p)
     prompt_ids = context_ids(tokenizer, prompt, unknown)
-    return _stream(model, tokenizer, prompt, prompt_ids, length, temperature, top_k, top_p, seed)
+    tokens = model.generate_ids(prompt_ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return _stream(tokenizer, prompt, prompt_ids, tokens)
 
 
-def _stream(model, tokenizer, prompt, prompt_ids, length, temperature, top_k, top_p, seed) -> Iterator[str]:
+def _stream(tokenizer, prompt: str, prompt_ids: np.ndarray, tokens: Iterator[int]) -> Iterator[str]:
     decoder = tokenizer.decoder_stream()
     for token in prompt_ids:
         decoder.step(int(token))  # primes separators and byte sequences; the prompt is echoed as typed
     if prompt:
         yield prompt
-    for token in model.generate_ids(prompt_ids, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed):
+    for token in tokens:
         chunk = decoder.step(int(token))
         if chunk:
             yield chunk

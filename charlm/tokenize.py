@@ -25,7 +25,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
-from charlm import utf8
+from charlm.kernels import utf8
 from charlm.corpus import TextSpan, map_chunks
 from charlm.errors import ConfigError, TokenizerError
 

@@ -8,7 +8,6 @@ weights and the same metrics log (apart from the timing fields) as a run that wa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,32 +23,32 @@ import numpy as np
 from tqdm import tqdm
 
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from charlm.config import ModelConfig, require_int
+from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, ModelConfig, TrainConfig, flag,
+                           option_default)
 from charlm.corpus import resolve_corpus
-from charlm.data import SAMPLINGS, BatchStream, encode_cached
+from charlm.data import BatchStream, encode_cached
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
-from charlm.optim import SCHEDULES, AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
+from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
 from charlm.runtime import ensure_threads_limited
 from charlm.tokenize import train_tokenizer
 
-TOKENIZERS = ("char", "word", "bpe")
-ENCODING_ERRORS = ("strict", "replace")
-DEFAULT_TIME_BUDGET_MINUTES = 30.0
 MAX_CONSECUTIVE_NONFINITE = 5
 METRICS_FILE = "metrics.jsonl"
 # Fields of metrics.jsonl that measure the machine, not the run: they differ between identical runs.
 VOLATILE_METRIC_KEYS = ("time", "elapsed", "tok_per_s", "gflop_per_s")
-STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Changing any of these on resume would make the saved weights, tokenizer or data cursor meaningless.
 FROZEN_ON_RESUME = (
-    "tokenizer", "vocab_size", "num_layers", "hidden_size", "embed_dim", "dropout", "locked_dropout",
-    "weight_drop", "tie_weights", "dtype", "valid_fraction", "encoding_errors", "seq_len", "batch_size",
+    "tokenizer", "vocab_size", *ARCHITECTURE_FIELDS, "valid_fraction", "encoding_errors", "seq_len", "batch_size",
     "random_length", "window_sampling", "seed", "ema_decay",
 )
-# Fields whose command-line flag is not simply the field name with dashes.
-FLAG_NAMES = {"num_layers": "layers", "hidden_size": "hidden", "embed_dim": "embed", "warmup_steps": "warmup"}
+# The run's counters, saved in trainer_state.json under their own names and read back on resume (beside
+# them: the data cursor, the dropout RNG, the plateau and optimizer state, the elapsed time).
+RESUMED_COUNTERS = (
+    "step", "tokens_seen", "best_val_loss", "best_step", "last_val_loss", "nonfinite_steps", "consecutive_nonfinite",
+    "loss_sum", "loss_count",
+)
 DROPOUT_RNG_STREAM = 1
 # With a weight average, a checkpoint's weights are the average (what eval and generate should use) and the
 # optimizer file also holds the training weights themselves, under this prefix, for --resume.
@@ -59,185 +57,6 @@ TRAINING_WEIGHTS_PREFIX = "train."
 
 class TrainingDiverged(CharlmError):
     """The loss or the gradients stayed non-finite: continuing would only burn time."""
-
-
-def option_default(field: str):
-    """TrainConfig's default for `field` (for help texts, and for settings older checkpoints lack)."""
-    return TrainConfig.__dataclass_fields__[field].default
-
-
-def flag(field: str) -> str:
-    """The command-line spelling of a TrainConfig field, for error messages."""
-    return "--" + FLAG_NAMES.get(field, field).replace("_", "-")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every training option; the CLI flags and the TOML recipes map onto these fields one to one.
-
-    The run stops at the first of `epochs`, `max_steps` and `time_budget` (minutes) that is reached;
-    with none of them it stops after DEFAULT_TIME_BUDGET_MINUTES. The cosine schedule decays over the
-    step count when there is one, else over the time budget. `ema_decay` > 0 validates and saves an
-    exponential moving average of the weights (0 = the weights themselves).
-    """
-
-    corpus: str
-    out: str
-    tokenizer: str = "char"
-    vocab_size: int | None = None
-    encoding_errors: str = "strict"
-    valid_fraction: float | None = None
-    num_layers: int = 2
-    hidden_size: int = 512
-    embed_dim: int = 128
-    dropout: float = 0.2
-    locked_dropout: bool = True
-    weight_drop: float = 0.0
-    tie_weights: bool = False
-    dtype: str = "float32"
-    seq_len: int = 128
-    batch_size: int = 32
-    random_length: bool = False
-    window_sampling: str = "streams"
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    clip: float = 1.0
-    ema_decay: float = 0.0
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    epochs: int | None = None
-    max_steps: int | None = None
-    time_budget: float | None = None
-    eval_every: int = 200
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "embed_dim", "seq_len", "batch_size", "eval_every",
-                     "checkpoint_every", "log_every", "plateau_patience"):
-            require_int(flag(name), getattr(self, name), minimum=1)
-        for name in ("vocab_size", "epochs", "max_steps"):
-            if getattr(self, name) is not None:
-                require_int(flag(name), getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "seed"):
-            require_int(flag(name), getattr(self, name), minimum=0)
-        for name in ("locked_dropout", "tie_weights", "random_length"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
-        for name in ("corpus", "out"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"{flag(name)} must be a non-empty string")
-        self._check_float("lr", low=0.0, low_open=True)
-        self._check_float("weight_decay", low=0.0)
-        self._check_float("clip", low=0.0)
-        self._check_float("dropout", low=0.0, high=1.0)
-        self._check_float("weight_drop", low=0.0, high=1.0)
-        if self.valid_fraction is not None:
-            self._check_float("valid_fraction", low=0.0, high=1.0, low_open=True)
-        self._check_float("beta1", low=0.0, high=1.0)
-        self._check_float("beta2", low=0.0, high=1.0)
-        self._check_float("ema_decay", low=0.0, high=1.0)
-        self._check_float("min_lr_ratio", low=0.0, high=1.0, high_closed=True)
-        self._check_float("plateau_factor", low=0.0, high=1.0, low_open=True)
-        if self.time_budget is not None:
-            self._check_float("time_budget", low=0.0, low_open=True)
-        _require_choice("tokenizer", self.tokenizer, TOKENIZERS)
-        _require_choice("schedule", self.schedule, SCHEDULES)
-        _require_choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
-        _require_choice("window_sampling", self.window_sampling, SAMPLINGS)
-        self.model_config(vocab_size=1)  # shape rules (tied weights, dtype) fail now, not after tokenizing
-
-    def _check_float(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                     high_closed: bool = False) -> None:
-        """Accept ints for float fields (TOML `lr = 1` is fine) and store them as floats."""
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
-        above = value > low if low_open else value >= low
-        below = value <= high if high_closed else value < high
-        if not (above and below):
-            left = "(" if low_open else "["
-            right = "]" if high_closed else ")"
-            bound = "inf" if high == math.inf else f"{high:g}"
-            raise ConfigError(f"{flag(name)} must be in {left}{low:g}, {bound}{right}, got {value!r}")
-        object.__setattr__(self, name, float(value))
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
-            num_layers=self.num_layers, dropout=self.dropout, locked_dropout=self.locked_dropout,
-            weight_drop=self.weight_drop, tie_weights=self.tie_weights, dtype=self.dtype,
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Build from flags, a recipe or a checkpoint's saved config; unknown keys are a ConfigError."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        for name in ("corpus", "out"):
-            if data.get(name) is None:
-                raise ConfigError(f"{flag(name)} is required")
-        return cls(**data)
-
-
-def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def load_recipe(path: str | os.PathLike) -> dict:
-    """A flat TOML file of TrainConfig fields (dashes or underscores), to be overridden by flags."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            doc = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file is a folder: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {str(exc).splitlines()[0]}") from None
-    recipe = {key.replace("-", "_"): value for key, value in doc.items()}
-    nested = [key for key, value in recipe.items() if isinstance(value, dict)]
-    if nested:
-        raise ConfigError(f"{path}: recipes are flat `key = value` files, found table(s) {', '.join(nested)}")
-    unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"{path}: unknown training option(s): {', '.join(unknown)}")
-    return recipe
-
-
-def merge_options(*layers: dict) -> dict:
-    """Later layers override earlier ones; a layer naming any stop condition replaces all of them.
-
-    So a recipe's 30-minute budget does not also cap a run given `--max-steps`, and resuming with a new
-    `--max-steps` drops the old run's budget instead of stopping at whichever comes first.
-    """
-    merged: dict = {}
-    for layer in layers:
-        if any(layer.get(key) is not None for key in STOP_KEYS):
-            for key in STOP_KEYS:
-                merged[key] = None
-        merged.update({key: value for key, value in layer.items() if value is not None or key not in STOP_KEYS})
-    return merged
-
-
-def saved_train_config(out: str | os.PathLike) -> dict | None:
-    """The options of the run checkpointed in `out/last`, or None when there is nothing to resume."""
-    last = Path(out) / "last"
-    if not last.exists():
-        return None
-    return load_checkpoint(last).train_config
 
 
 @dataclass(frozen=True)
@@ -316,9 +135,10 @@ def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
         raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
     # A setting missing from an older checkpoint had its default then (say ema_decay: no average).
     before = {name: saved.get(name, option_default(name)) for name in FROZEN_ON_RESUME}
-    changed = [name for name in FROZEN_ON_RESUME if before[name] != getattr(config, name)]
+    now = config.to_dict()
+    changed = [name for name in FROZEN_ON_RESUME if before[name] != now[name]]
     if changed:
-        details = ", ".join(f"{flag(n)} {before[n]!r} -> {getattr(config, n)!r}" for n in changed)
+        details = ", ".join(f"{flag(n)} {before[n]!r} -> {now[n]!r}" for n in changed)
         raise ConfigError(f"--resume cannot change the model or data settings of a run: {details}")
 
 
@@ -485,31 +305,16 @@ class _Run:
         self.stream.load_state_dict(state["data"])
         self.dropout_rng.bit_generator.state = state["dropout_rng"]
         self.plateau.load_state_dict(state["plateau"])
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
         self.elapsed_before = state["elapsed_seconds"]
-        self.best_val_loss = state["best_val_loss"]
-        self.best_step = state["best_step"]
-        self.last_val_loss = state["last_val_loss"]
-        self.nonfinite_steps = state["nonfinite_steps"]
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        self.loss_sum = state["loss_sum"]
-        self.loss_count = state["loss_count"]
+        for name in RESUMED_COUNTERS:
+            setattr(self, name, state[name])
 
     def _trainer_state(self) -> dict:
         return {
-            "step": self.step,
+            **{name: getattr(self, name) for name in RESUMED_COUNTERS},
             "epoch": self.stream.current_epoch,
-            "tokens_seen": self.tokens_seen,
             "elapsed_seconds": self.elapsed(),
             "optimizer_steps": self.optimizer.step_count,
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-            "last_val_loss": self.last_val_loss,
-            "nonfinite_steps": self.nonfinite_steps,
-            "consecutive_nonfinite": self.consecutive_nonfinite,
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
             "plateau": self.plateau.state_dict(),
             "data": self.stream.state_dict(),
             "dropout_rng": self.dropout_rng.bit_generator.state,
@@ -680,7 +485,7 @@ class _Run:
         limits = [f"{c.max_steps} steps" if c.max_steps else None,
                   f"{c.epochs} epochs ({c.epochs * self.stream.windows_per_epoch} steps)" if c.epochs else None,
                   f"{self.time_budget_s / 60:g} min" if self.time_budget_s else None]
-        print(f"{action}: {self.model.num_parameters():,} parameters ({c.num_layers}x{c.hidden_size} LSTM, "
+        print(f"{action}: {self.model.num_parameters():,} parameters ({c.model.num_layers}x{c.model.hidden_size} LSTM, "
               f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
               f"{c.batch_size}x{c.seq_len} tokens, stop at {' or '.join(x for x in limits if x)}; "
               f"writing {self.out}", file=sys.stderr)

@@ -93,7 +93,7 @@ def test_eval_on_the_validation_split_reproduces_the_logged_loss(workdir):
     (["generate", "{run}", "--top-p", "1.5"], "top-p must be in"),
     (["generate", "{run}", "--top-p", "0"], "top-p must be in"),
     (["generate", "{run}", "--temperature", "-1"], "temperature must be >= 0"),
-    (["generate", "{run}", "--top-k", "0"], "--top-k must be at least 1"),
+    (["generate", "{run}", "--top-k", "-1"], "top-k must be >= 0"),
     (["generate", "{run}", "--length", "0"], "length must be at least 1"),
     (["generate", "{run}", "--num-samples", "0"], "--num-samples must be at least 1"),
     (["generate", "{run}", "--prompt", "Zebra!"], "Z"),

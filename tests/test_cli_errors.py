@@ -218,6 +218,18 @@ def test_resume_with_changed_model_config(trained, tmp_path):
     assert "--hidden 16 -> 32" in message
 
 
+
+def test_resume_without_a_checkpoint_says_so(trained, tmp_path):
+    """`--resume` alone on a run whose last/ is gone names the missing checkpoint, not a missing --corpus."""
+    run, _ = trained
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    shutil.rmtree(copy / "last")
+    assert user_error("train", "--out", copy, "--resume") == (
+        f"no checkpoint to resume in {copy} (pass --corpus to start a new run there)"
+    )
+    assert user_error("train", "--resume") == "--resume needs --out, the folder of the run to continue"
+
+
 # --- flags -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, value", [
@@ -235,8 +247,7 @@ def test_train_sizes_must_be_positive(trained, tmp_path, flag, value):
     (["--top-p", "1.5"], "top-p must be in (0, 1]"),
     (["--top-p", "-0.1"], "top-p must be in (0, 1]"),
     (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-k", "0"], "top-k must be at least 1"),
-    (["--top-k", "-3"], "top-k must be at least 1"),
+    (["--top-k", "-3"], "top-k must be >= 0 (0 = all tokens)"),
     (["--length", "0"], "length must be at least 1"),
 ])
 def test_generate_flags_out_of_range(trained, flags, expected):

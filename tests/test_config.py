@@ -9,7 +9,7 @@ from charlm.errors import ConfigError
     ("hidden_size", 2.5, "hidden_size must be a positive integer"),
     ("num_layers", True, "num_layers must be a positive integer"),
     ("dropout", 1.0, "dropout must be in"),
-    ("dropout", "0.2", "dropout must be in"),
+    ("dropout", "0.2", "dropout must be a number"),
     ("weight_drop", -0.1, "weight_drop must be in"),
     ("locked_dropout", 1, "locked_dropout must be true or false"),
     ("tie_weights", "yes", "tie_weights must be true or false"),

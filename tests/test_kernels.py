@@ -12,7 +12,8 @@ import pytest
 
 import charlm.model
 import charlm.runtime
-from charlm import kernels
+from charlm.kernels import dropout, gemm, generate, lstm
+from charlm.optim import adamw_update, sum_of_squares
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.model import LSTMLanguageModel
@@ -33,22 +34,22 @@ def test_adamw_update_matches_formula(dtype):
         v_hat = expected_v / (1 - b2**step)
         expected.append((param * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps), expected_m, expected_v))
         groups.append((param, grad, m, v, wd))
-    kernels.adamw_update(groups, lr, b1, b2, eps, step)
+    adamw_update(groups, lr, b1, b2, eps, step)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12  # relative, and absolute where terms cancel
     for (param, _, m, v, _), (expected_param, expected_m, expected_v) in zip(groups, expected):
         for actual, wanted in ((m, expected_m), (v, expected_v), (param, expected_param)):
             np.testing.assert_allclose(actual, wanted, rtol=tolerance, atol=tolerance)
     param, grad, m, v, wd = groups[0]
     with pytest.raises(ValueError):
-        kernels.adamw_update([(param.T, grad.T, m.T, v.T, wd)], lr, b1, b2, eps, step)
+        adamw_update([(param.T, grad.T, m.T, v.T, wd)], lr, b1, b2, eps, step)
 
 
 def test_sum_of_squares_accumulates_in_float64():
     grad = np.full((1000, 1000), 0.1, np.float32)
-    assert kernels.sum_of_squares([grad]) == pytest.approx(1e6 * float(np.float32(0.1)) ** 2, rel=1e-12)
+    assert sum_of_squares([grad]) == pytest.approx(1e6 * float(np.float32(0.1)) ** 2, rel=1e-12)
     pieces = [np.arange(n, dtype=np.float32) for n in (50_000, 3, 40_000)]
     expected = sum(float(np.sum(p.astype(np.float64) ** 2)) for p in pieces)
-    assert kernels.sum_of_squares(pieces) == pytest.approx(expected, rel=1e-12)
+    assert sum_of_squares(pieces) == pytest.approx(expected, rel=1e-12)
 
 
 def softmax_xent_reference(logits, bias, targets):
@@ -73,8 +74,8 @@ def test_softmax_xent_matches_numpy_and_is_stable(dtype, scale):
     expected_loss, expected_grad = softmax_xent_reference(logits, bias, targets)
     # At |logits| ~ 1e4 a float32 ulp is 1e-3: only stability, not digits, can be asked for there.
     rel = 1e-5 if scale < 100 or dtype == np.float64 else 1e-3
-    assert kernels.softmax_xent_forward(logits, bias, targets) == pytest.approx(expected_loss, rel=rel)
-    total = kernels.softmax_xent_forward_backward(logits, bias, targets, 1.0 / 6)
+    assert lstm.softmax_xent_forward(logits, bias, targets) == pytest.approx(expected_loss, rel=rel)
+    total = lstm.softmax_xent_forward_backward(logits, bias, targets, 1.0 / 6)
     assert np.isfinite(total) and total == pytest.approx(expected_loss, rel=rel)
     np.testing.assert_allclose(logits, expected_grad, atol=1e-6 if scale < 100 else 1e-3)
     np.testing.assert_allclose(logits.sum(axis=1), 0.0, atol=1e-6)
@@ -94,21 +95,21 @@ def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
     out = rng.standard_normal((hi + 2, n_out)).astype(dtype)
     expected = out.copy()
     expected[lo:hi] += x[lo:hi] @ w.T
-    width = kernels.panel_width(dtype)
-    panels = np.zeros((n_out // width if kernels.panels_apply(n_out, dtype, len(x)) else 0, n_in, width), dtype)
-    kernels.pack_panels(w, panels)
+    width = gemm.panel_width(dtype)
+    panels = np.zeros((n_out // width if gemm.panels_apply(n_out, dtype, len(x)) else 0, n_in, width), dtype)
+    gemm.pack_panels(w, panels)
     unread = np.full_like(w, np.nan)  # with panels, w itself is never read
-    kernels._add_row_products(x, w if panels.shape[0] == 0 else unread, panels, out, lo, hi)
+    gemm.add_row_products(x, w if panels.shape[0] == 0 else unread, panels, out, lo, hi)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_panels_packed_from_a_transposed_view_equal_those_of_a_contiguous_copy():
     w = np.random.default_rng(3).standard_normal((128, 64)).astype(np.float32)
-    width = kernels.panel_width(np.float32)
+    width = gemm.panel_width(np.float32)
     from_view, from_copy = (np.zeros((64 // width, 128, width), np.float32) for _ in range(2))
-    kernels.pack_panels(w.T, from_view)
-    kernels.pack_panels(np.ascontiguousarray(w.T), from_copy)
+    gemm.pack_panels(w.T, from_view)
+    gemm.pack_panels(np.ascontiguousarray(w.T), from_copy)
     np.testing.assert_array_equal(from_view, from_copy)
     np.testing.assert_array_equal(from_view[1, :, 3], w[:, width + 3])
 
@@ -124,9 +125,9 @@ def test_window_projection_matches_numpy_across_row_blocks(dtype):
     out = rng.standard_normal((n_rows, n_out)).astype(dtype)
     expected = out.copy()
     expected[lo:hi] = x[lo:hi] @ w.T + bias
-    panels = np.zeros((n_out // kernels.panel_width(dtype), n_in, kernels.panel_width(dtype)), dtype)
-    kernels.pack_panels(w, panels)
-    kernels.project_rows(x, w, panels, bias, out, lo, hi)
+    panels = np.zeros((n_out // gemm.panel_width(dtype), n_in, gemm.panel_width(dtype)), dtype)
+    gemm.pack_panels(w, panels)
+    gemm.project_rows(x, w, panels, bias, out, lo, hi)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
@@ -135,15 +136,15 @@ def test_window_projection_matches_numpy_across_row_blocks(dtype):
 def test_batch_one_blocks_match_numpy(dtype):
     # Two whole blocks of packed rows, then a shorter last block that falls back to dot products.
     rng = np.random.default_rng(12)
-    block = kernels.VECTOR_PANELS * kernels.panel_width(dtype)
+    block = gemm.VECTOR_PANELS * gemm.panel_width(dtype)
     n_out, n_in = 2 * block + 5, 19
     w = rng.standard_normal((n_out, n_in)).astype(dtype)
     x = rng.standard_normal((1, n_in)).astype(dtype)
     out = rng.standard_normal((1, n_out)).astype(dtype)
     expected = out + x @ w.T
     panels = np.zeros((n_out // block, n_in, block), dtype)
-    kernels.pack_panels(w[:len(panels) * block], panels)
-    kernels._add_matvec(x, w, panels, out, 0, n_out)
+    gemm.pack_panels(w[:len(panels) * block], panels)
+    gemm.add_matvec(x, w, panels, out, 0, n_out)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
@@ -153,17 +154,17 @@ def test_embedding_forward_and_backward_with_repeated_ids():
     table = rng.normal(size=(5, 130))
     ids = np.array([4, 0, 4, 4, 2, 0])
     rows = np.empty((6, 130))
-    kernels.embedding_forward(table, ids, rows)
+    lstm.embedding_forward(table, ids, rows)
     np.testing.assert_array_equal(rows, table[ids])
     d_rows = rng.normal(size=(6, 130))
     d_table = np.ones((5, 130))
-    kernels.embedding_backward(d_table, ids, d_rows)
+    lstm.embedding_backward(d_table, ids, d_rows)
     expected = np.ones((5, 130))
     np.add.at(expected, ids, d_rows)
     np.testing.assert_allclose(d_table, expected, rtol=1e-13)
     split = np.ones((5, 130))  # as the threads run it: disjoint column ranges, strided views
     for lo, hi in ((0, 57), (57, 130)):
-        kernels.embedding_backward(split[:, lo:hi], ids, d_rows[:, lo:hi])
+        lstm.embedding_backward(split[:, lo:hi], ids, d_rows[:, lo:hi])
     np.testing.assert_allclose(split, expected, rtol=1e-13)
 
 
@@ -269,14 +270,14 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     model = LSTMLanguageModel(config, seed=2)
     monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
     monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (0.0, 0.0))  # judge the load before every chunk
-    compiled, parts_used = kernels.generate_tokens, []
+    compiled, parts_used = generate.generate_tokens, []
 
     def spy(part, n_parts, *args):
         if part == 0:
             parts_used.append(n_parts)
         compiled(part, n_parts, *args)
 
-    monkeypatch.setattr(kernels, "generate_tokens", spy)
+    monkeypatch.setattr(generate, "generate_tokens", spy)
     runs = []
     for busy in ([True], [False], [False, True, True, False]):  # the last: the load comes and goes mid-text
         loads = iter(busy * 10)
@@ -290,13 +291,13 @@ def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     if threads > 1 and hasattr(os, "sched_getaffinity"):  # while split, each thread had a CPU of its own
         monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
         cpus_seen = {}
-        monkeypatch.setattr(kernels, "generate_tokens",
+        monkeypatch.setattr(generate, "generate_tokens",
                             lambda part, *args: (cpus_seen.setdefault(part, os.sched_getaffinity(0)),
                                                  compiled(part, *args)))
         assert list(model.generate_ids([3, 1], 100, temperature=1.0, seed=5)) == runs[0]
         assert sorted(len(cpus) for cpus in cpus_seen.values()) == [1] * threads
         assert len(set.union(*cpus_seen.values())) == threads
-        monkeypatch.setattr(kernels, "generate_tokens", spy)
+        monkeypatch.setattr(generate, "generate_tokens", spy)
     # An idle verdict holds for a while; a busy one is looked at again at once (a zero delay here).
     monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (1000.0, 0.0))
     loads = iter([True, True, False, True])
@@ -310,8 +311,8 @@ def test_generation_gives_each_thread_at_least_the_threshold_in_weights(monkeypa
     model = LSTMLanguageModel(ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2), seed=2)
     weight_bytes = model._generation_bytes(model._generation_weights(30))
     monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
-    compiled, parts_used = kernels.generate_tokens, set()
-    monkeypatch.setattr(kernels, "generate_tokens", lambda part, n_parts, *args: (parts_used.add(n_parts),
+    compiled, parts_used = generate.generate_tokens, set()
+    monkeypatch.setattr(generate, "generate_tokens", lambda part, n_parts, *args: (parts_used.add(n_parts),
                                                                                compiled(part, n_parts, *args)))
     threads = charlm.runtime.thread_count()
     for threshold, parts in ((weight_bytes + 1, 1), (weight_bytes, 1), (weight_bytes // 2, min(2, threads)),
@@ -341,7 +342,7 @@ def test_tokens_do_not_depend_on_how_many_each_compiled_call_samples(monkeypatch
 def test_dropout_masks_keep_each_element_independently_with_the_given_probability(keep):
     n = 1 << 20
     mask = np.empty(n, np.float32)
-    kernels.dropout_mask(mask, key=7, keep=keep)
+    dropout.dropout_mask(mask, key=7, keep=keep)
     assert set(np.unique(mask)) == {0.0, np.float32(1.0 / keep)}
     kept = mask > 0
     sigma = np.sqrt(keep * (1 - keep) / n)
@@ -349,20 +350,20 @@ def test_dropout_masks_keep_each_element_independently_with_the_given_probabilit
     both = (kept[:-1] & kept[1:]).mean()  # neighbours, as the hash sees consecutive counters
     assert abs(both - keep * keep) < 5 * np.sqrt(keep * keep * (1 - keep * keep) / n)
     other = np.empty(n, np.float32)
-    kernels.dropout_mask(other, key=8, keep=keep)
+    dropout.dropout_mask(other, key=8, keep=keep)
     assert abs(((other > 0) & kept).mean() - keep * keep) < 5 * np.sqrt(keep * keep / n)
 
 
 def test_dropout_masks_depend_on_key_and_index_only():
     mask = np.empty((64, 8, 100), np.float64)
-    kernels.dropout_mask(mask, key=2**64 - 1, keep=0.7)
+    dropout.dropout_mask(mask, key=2**64 - 1, keep=0.7)
     again = np.empty_like(mask)
-    kernels.dropout_mask(again, key=2**64 - 1, keep=0.7)
+    dropout.dropout_mask(again, key=2**64 - 1, keep=0.7)
     np.testing.assert_array_equal(mask, again)
     pieces = np.empty(mask.size, np.float64)  # filled in uneven slices, as threads would
-    threshold = np.uint64(round(0.7 * (1 << kernels._MASK_BITS)))
+    threshold = np.uint64(round(0.7 * (1 << dropout.MASK_BITS)))
     for lo, hi in ((0, 1), (1, 5000), (5000, mask.size)):
-        kernels._dropout_mask_kernel(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, lo, hi)
+        dropout.dropout_mask_slice(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, lo, hi)
     np.testing.assert_array_equal(pieces, mask.reshape(-1))
 
 
@@ -372,18 +373,18 @@ def test_a_thread_that_never_reaches_its_meetings_does_not_hang_the_others(faili
     the exception reaches the caller and the process exits, with no thread left waiting at a meeting."""
     script = f"""
 import charlm.model, charlm.runtime
-from charlm import kernels
+from charlm.kernels import generate
 from charlm.config import ModelConfig
 from charlm.model import LSTMLanguageModel
 charlm.runtime.limit_threads(2)
 charlm.model.PARALLEL_GENERATION_BYTES = 0
 charlm.model.others_keep_cores_busy = lambda: False
-compiled = kernels.generate_tokens
+compiled = generate.generate_tokens
 def generate_tokens(part, *args):
     if part == {failing_part}:
         raise KeyboardInterrupt
     compiled(part, *args)
-kernels.generate_tokens = generate_tokens
+generate.generate_tokens = generate_tokens
 model = LSTMLanguageModel(ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2), seed=2)
 try:
     list(model.generate_ids([3, 1], 40, seed=5))

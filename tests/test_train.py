@@ -14,8 +14,8 @@ from charlm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from charlm.corpus import resolve_corpus
 from charlm.errors import ConfigError, CorpusError
 from charlm.evaluate import evaluate
-from charlm.train import (VOLATILE_METRIC_KEYS, TrainConfig, TrainingDiverged, load_recipe, merge_options,
-                          train)
+from charlm.config import TrainConfig, load_recipe, merge_options
+from charlm.train import VOLATILE_METRIC_KEYS, TrainingDiverged, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def tiny_config(corpus, out, **overrides) -> TrainConfig:
                    seq_len=12, batch_size=4, lr=1e-2, warmup_steps=3, max_steps=24, eval_every=8,
                    checkpoint_every=5, log_every=3, seed=3)
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_dict(options)
 
 
 def stable_metrics(out: Path) -> list[dict]:

@@ -1,0 +1,12 @@
+"""Numba kernels of the LSTM language model.
+
+- `fastmath`: vectorisable exp, tanh and sigmoid, and the compiler flags every kernel uses.
+- `gemm`: the register-tile GEMM micro-kernel, the packing of matrices into panels, the product loops.
+- `lstm`: the model's forward/backward pairs (embedding, the layers' time loops, softmax cross-entropy).
+- `dropout`: dropout masks from a counter-based hash.
+- `generate`: batch-1 generation and sampling.
+
+Conventions: B = batch rows, H = hidden size, gates come in blocks of H in the order i, f, g, o
+(PyTorch's), all arrays are C-contiguous and float32 or float64 (each kernel compiles once per dtype and
+is cached on disk, so a second process starts warm).
+"""
