@@ -79,9 +79,10 @@ class TextSpan:
         """The whole span as one string: for small texts and tests, not for corpora of any size."""
         return self.decode(self.read_bytes(self.start, self.end))
 
-    def byte_ranges(self, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
-        """Consecutive (start, end) file offsets of about `chunk_bytes` covering the span, each cut
-        where a token cannot straddle the cut (see `_cut_after`)."""
+    def byte_ranges(self, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+        """Consecutive (start, end) file offsets of about `chunk_bytes` (default CHUNK_BYTES) covering the
+        span, each cut where a token cannot straddle the cut (see `_cut_after`)."""
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
         if self.size == 0:
             return []
         cuts = [self.start]
@@ -94,11 +95,12 @@ class TextSpan:
         cuts.append(self.end)
         return list(zip(cuts[:-1], cuts[1:]))
 
-    def sample_ranges(self, sample_bytes: int, block_bytes: int = SAMPLE_BLOCK_BYTES) -> list[tuple[int, int]]:
+    def sample_ranges(self, sample_bytes: int) -> list[tuple[int, int]]:
         """About `sample_bytes` of the span as evenly spaced blocks (all of it when it is no larger):
         the same blocks every time, so a tokenizer trained on them is reproducible."""
         if self.size <= sample_bytes:
             return self.byte_ranges()
+        block_bytes = min(SAMPLE_BLOCK_BYTES, sample_bytes)
         blocks = max(1, sample_bytes // block_bytes)
         stride = self.size // blocks
         ranges = []

@@ -32,6 +32,7 @@ RANDOM_LENGTH_STD = 5.0
 RANDOM_LENGTH_FULL_PROB = 0.95
 MIN_RANDOM_LENGTH = 2
 SAMPLINGS = ("streams", "random")
+REPORTED_ENCODE_BYTES = 1 << 24  # smaller texts encode in a blink: not worth a line
 ID_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32))
 
 
@@ -42,7 +43,7 @@ def encode_cached(tokenizer: Tokenizer, source: str | TextSpan, key: str | None 
     `key` must identify the text exactly (e.g. `CorpusSplits.cache_key("train")`); without it a string
     is hashed, a span keyed by its file's size, time and place. A span is encoded chunk by chunk on
     every core (`map_chunks`) and written straight to the cache file, so neither its text nor all of
-    its ids are ever in memory; `verbose` prints what encoding cost.
+    its ids are ever in memory; `verbose` prints what encoding a big span cost.
     """
     if key is None:
         key = "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest() if isinstance(source, str) \
@@ -63,7 +64,7 @@ def encode_cached(tokenizer: Tokenizer, source: str | TextSpan, key: str | None 
     started = time.monotonic()
     tokens = _write_entry(path, pieces, tokenizer.id_dtype)
     seconds = time.monotonic() - started
-    if verbose and not isinstance(source, str):
+    if verbose and not isinstance(source, str) and size >= REPORTED_ENCODE_BYTES:
         print(f"encoded {size / 1e6:,.1f} MB into {tokens:,} {tokenizer.kind} tokens ({tokenizer.id_dtype.name}) "
               f"in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):,.0f} MB/s)", file=sys.stderr)
     return _load_entry(path) if tokens else np.zeros(0, dtype=tokenizer.id_dtype)

@@ -73,9 +73,9 @@ def validation_sample(ids: np.ndarray, max_tokens: int, seed: int, rows: int = E
     if max_tokens <= 0 or len(ids) - 1 <= max_tokens:
         return None
     rows = max(1, min(rows, max_tokens))
-    length = max_tokens // rows
     part = len(ids) // rows
-    offsets = np.random.default_rng([seed, EVAL_SAMPLE_STREAM]).integers(0, part - length, rows, endpoint=True)
+    length = min(max_tokens // rows, part - 1)
+    offsets = np.random.default_rng([seed, EVAL_SAMPLE_STREAM]).integers(0, part - length - 1, rows, endpoint=True)
     starts = np.arange(rows) * part + offsets
     return np.stack([np.asarray(ids[start:start + length + 1], dtype=np.int32) for start in starts])
 

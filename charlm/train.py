@@ -28,9 +28,10 @@ from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, Mod
 from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
-from charlm.evaluate import evaluate_ids, predicted_chars
+from charlm.evaluate import evaluate_ids, evaluate_rows, predicted_chars, validation_sample
 from charlm.model import LSTMLanguageModel
 from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
+from charlm.runlock import LOCK_FILE, RunLock
 from charlm.runtime import ensure_threads_limited
 from charlm.tokenize import train_tokenizer
 
@@ -86,16 +87,13 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, ver
         raise ConfigError("use either --resume (continue the run) or --force (replace it), not both")
     ensure_threads_limited()
     out = Path(config.out)
-    checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
-    run = _Run(config, out, checkpoint, verbose)
-    if force:
-        _remove_run_files(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    with _StopOnSignal(verbose) as stop:
-        return run.loop(stop)
+    with RunLock(out):
+        checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
+        run = _Run(config, out, checkpoint, verbose)
+        if force:
+            _remove_run_files(out)
+        with _StopOnSignal(verbose) as stop:
+            return run.loop(stop)
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -116,7 +114,7 @@ def _checkpoint_to_resume(out: Path, *, resume: bool, force: bool, verbose: bool
         return None
     if _run_files(out):
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(path.name != LOCK_FILE for path in out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force")
     return None
 
@@ -229,16 +227,25 @@ class _Run:
         if checkpoint is not None:
             self.tokenizer = checkpoint.tokenizer
         else:
-            self.tokenizer = train_tokenizer(config.tokenizer, splits.train, config.vocab_size)
+            sample_bytes = int(config.bpe_sample_mb * 1e6)
+            if verbose and config.tokenizer == "bpe" and splits.train.size > sample_bytes:
+                print(f"bpe: learning merges from a {config.bpe_sample_mb:g} MB sample (evenly spaced 1 MB blocks) "
+                      f"of the {splits.train.size / 1e6:,.0f} MB training split (--bpe-sample-mb)", file=sys.stderr)
+            self.tokenizer = train_tokenizer(config.tokenizer, splits.train, config.vocab_size,
+                                             bpe_sample_bytes=sample_bytes)
         self.tokenizer_json = self.tokenizer.to_json()
         # "replace": a capped vocabulary leaves rare training words out, and validation text may hold
         # characters never seen in training; both count as <unk> rather than stopping the run.
-        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace")
+        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace",
+                                  verbose=verbose)
         self.valid_ids = encode_cached(self.tokenizer, splits.valid, key=splits.cache_key("valid"),
-                                       unknown="replace")
+                                       unknown="replace", verbose=verbose)
         if len(self.valid_ids) < 2:
             raise CorpusError(f"validation split of {config.corpus!r} is too short ({len(self.valid_ids)} tokens)")
-        self.valid_chars = predicted_chars(self.tokenizer, self.valid_ids)
+        # A big validation split is scored on a fixed sample (the same windows every time), a small one whole.
+        self.valid_sample = validation_sample(self.valid_ids, config.eval_tokens, seed=config.seed)
+        scored = [self.valid_ids] if self.valid_sample is None else self.valid_sample
+        self.valid_chars = sum(predicted_chars(self.tokenizer, ids) for ids in scored)
         self.stream = BatchStream(train_ids, config.batch_size, config.seq_len,
                                   random_length=config.random_length, sampling=config.window_sampling,
                                   seed=config.seed)
@@ -442,8 +449,12 @@ class _Run:
         return record
 
     def _validate(self, progress: _Progress) -> None:
-        """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
-        result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars)
+        """The validation split (whole, state carried across windows, or its fixed sample), no dropout;
+        saves best/ on improvement."""
+        if self.valid_sample is None:
+            result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars)
+        else:
+            result = evaluate_rows(self.eval_model, self.valid_sample, chars=self.valid_chars)
         finite = math.isfinite(result.loss)
         self.last_val_loss = result.loss if finite else None
         improved = finite and (self.best_val_loss is None or result.loss < self.best_val_loss)
@@ -454,7 +465,7 @@ class _Run:
         self.metrics.write({
             "event": "val", "step": self.step, "epoch": self.stream.current_epoch,
             "loss": result.loss, "perplexity": result.perplexity, "bits_per_char": result.bits_per_char,
-            "best": improved, "elapsed": round(self.elapsed(), 3),
+            "tokens": result.tokens, "best": improved, "elapsed": round(self.elapsed(), 3),
         })
         if improved:
             self._save(self.out / "best", with_optimizer=False)
@@ -489,6 +500,11 @@ class _Run:
               f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
               f"{c.batch_size}x{c.seq_len} tokens, stop at {' or '.join(x for x in limits if x)}; "
               f"writing {self.out}", file=sys.stderr)
+        if self.valid_sample is not None:
+            rows, length = self.valid_sample.shape
+            print(f"validating every {c.eval_every} steps on a fixed sample of {rows * (length - 1):,} of the "
+                  f"{len(self.valid_ids) - 1:,} validation tokens ({rows} streams of {length - 1:,}, seed {c.seed}; "
+                  "--eval-tokens); charlm eval scores the whole split", file=sys.stderr)
 
     def _announce_end(self, reason: str) -> None:
         if self.verbose:
