@@ -72,7 +72,7 @@ def validation_sample(ids: np.ndarray, max_tokens: int, seed: int, rows: int = E
     (and ranks of a distributed run can share them out by row)."""
     if max_tokens <= 0 or len(ids) - 1 <= max_tokens:
         return None
-    rows = max(1, min(rows, max_tokens))
+    rows = max(1, min(rows, max_tokens, len(ids) // 2))
     part = len(ids) // rows
     length = min(max_tokens // rows, part - 1)
     offsets = np.random.default_rng([seed, EVAL_SAMPLE_STREAM]).integers(0, part - length - 1, rows, endpoint=True)
