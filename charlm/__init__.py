@@ -7,8 +7,8 @@ import sys
 def _prefer_haswell_openblas_kernels() -> None:
     """On AMD CPUs with AVX2, ask numpy's OpenBLAS for its Haswell kernels before numpy loads.
 
-    OpenBLAS picks the AVX-512 SkylakeX kernels on Zen 4, which run the model's small-row GEMMs
-    (16 x 512 @ 512 x 2048) at ~60 % of the Haswell kernels' speed. OpenBLAS reads OPENBLAS_CORETYPE only
+    OpenBLAS picks the AVX-512 SkylakeX kernels on Zen 4, which run small-row GEMMs (16 x 512 @ 512 x 2048)
+    slower than its Haswell kernels (docs/performance.md). OpenBLAS reads OPENBLAS_CORETYPE only
     when it loads, so this can only act when charlm is imported before numpy. A user's own
     OPENBLAS_CORETYPE always wins; CHARLM_OPENBLAS_CORETYPE=keep turns this off.
     """

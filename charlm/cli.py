@@ -1,4 +1,4 @@
-"""The `charlm` command: train, generate, complete, eval, info.
+"""The `charlm` command: train, generate, complete, eval, info, export, plot.
 
 Thin on purpose: each command parses its flags, builds the library's config objects and calls the same
 functions a notebook would (`charlm.train.train`, `charlm.sample.generate_text`, ...). Errors a user can
@@ -22,7 +22,10 @@ from charlm.corpus import ERROR_MODES, SPLITS, resolve_corpus
 from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
+from charlm.export import FORMATS as EXPORT_FORMATS
+from charlm.export import export as export_checkpoint
 from charlm.optim import SCHEDULES
+from charlm.plot import plot_run
 from charlm.sample import complete as complete_blank
 from charlm.sample import generate_text
 from charlm.tokenize import KINDS, UNKNOWN_MODES
@@ -60,7 +63,7 @@ class CharlmGroup(click.Group):
 
 @click.group(cls=CharlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate."""
+    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate, export, plot."""
 
 
 @cli.command()
@@ -277,6 +280,29 @@ def info(checkpoint, as_json) -> None:
                                   if best is not None else "none yet"))
     if ckpt.train_config:
         click.echo("train config " + ", ".join(f"{k}={v}" for k, v in ckpt.train_config.items() if v is not None))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="torch: model.safetensors with nn.LSTM's names; onnx: model.onnx (needs charlm[onnx]).")
+@click.argument("out_dir")
+def export(checkpoint, to, out_dir) -> None:
+    """Write CHECKPOINT to OUT_DIR for PyTorch or ONNX Runtime, with tokenizer.json and config.json."""
+    for path in export_checkpoint(checkpoint, to, out_dir):
+        click.echo(f"{path}  {path.stat().st_size:,} bytes")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", help="Image to write; the suffix picks the format [default: RUN/loss.png].")
+def plot(run, out) -> None:
+    """Training and validation loss of RUN against step and wall time (needs charlm[plot])."""
+    summary = plot_run(run, out)
+    best = ("no validation yet" if summary.best_val_loss is None
+            else f"best validation loss {summary.best_val_loss:.4f} at step {summary.best_step:,}")
+    click.echo(f"wrote {summary.path}: {summary.train_records} training and {summary.val_records} validation "
+               f"records to step {summary.last_step:,}; {best}")
 
 
 def main() -> None:

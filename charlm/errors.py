@@ -35,3 +35,7 @@ def require_int(field: str, value, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise InvalidField(field, f"must be {kind}, got {value!r}")
+
+
+class MissingExtraError(CharlmError):
+    """A command needs an optional package (an extra such as charlm[onnx]) that is not installed."""

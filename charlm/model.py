@@ -63,9 +63,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def init_params(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """PyTorch-like initialisation, deterministic in `seed`: LSTM and decoder weights U(±1/√H), biases 0
     except the forget gate's 1 (so early training does not forget everything). The embedding is N(0, 1)
-    like nn.Embedding's, so the first layer sees inputs of unit scale from step one (on Tiny Shakespeare,
-    U(±0.1) left validation loss 0.27 nats/char worse after 400 steps); tied to the decoder it is U(±0.1)
-    instead (as in AWD-LSTM), since N(0, 1) decoder rows would start with huge logits."""
+    like nn.Embedding's, so the first layer sees inputs of unit scale from step one (U(±0.1) learned
+    markedly slower: docs/experiments.md); tied to the decoder it is U(±0.1) instead (as in AWD-LSTM),
+    since N(0, 1) decoder rows would start with huge logits."""
     rng = np.random.default_rng(seed)
     hidden = config.hidden_size
     bound = 1.0 / np.sqrt(hidden)
@@ -310,7 +310,7 @@ class LSTMLanguageModel:
     def frozen_weights(self) -> Iterator[None]:
         """A block in which the weights do not change (say an evaluation pass over a corpus): inference then
         packs them for its register tiles, and builds layer 0's table, once per batch size instead of once
-        per window (~3 % of a char-256 evaluation window). Changing the weights inside it gives stale results."""
+        per window. Changing the weights inside it gives stale results."""
         if self._frozen_depth == 0:
             self._packed.clear()
         self._frozen_depth += 1

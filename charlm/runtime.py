@@ -102,8 +102,8 @@ def others_keep_cores_busy() -> bool:
     On Linux, judged by the threads of other processes runnable right now (/proc), not by the load
     average: that remembers a minute of this process's own busy threads (say a benchmark's previous phase)
     and would wrongly see others. Elsewhere, by the 1-minute load average less the caller. Busy only if a
-    second look 1 ms later agrees: a kernel thread passing through is not a process sharing the cores (one
-    look alone saw one in 1-8 of 23 checks during an otherwise idle benchmark, two looks in none)."""
+    second look 1 ms later agrees: a kernel thread passing through is not a process sharing the cores
+    (docs/performance.md)."""
     ensure_threads_limited()
     spare = available_cores() - _threads + 0.5
     if _others_running() <= spare:
