@@ -1,4 +1,4 @@
-"""The `charlm` command: train, generate, complete, eval, info, export, plot.
+"""The `charlm` command: train, generate, complete, eval, serve, info, export, plot.
 
 Thin on purpose: each command parses its flags, builds the library's config objects and calls the same
 functions a notebook would (`charlm.train.train`, `charlm.sample.generate_text`, ...). Errors a user can
@@ -24,6 +24,7 @@ from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
 from charlm.export import FORMATS as EXPORT_FORMATS
 from charlm.export import export as export_checkpoint
+from charlm.extras import import_extra
 from charlm.optim import SCHEDULES
 from charlm.plot import plot_run
 from charlm.sample import complete as complete_blank
@@ -63,7 +64,7 @@ class CharlmGroup(click.Group):
 
 @click.group(cls=CharlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate, export, plot."""
+    """CPU-first LSTM language models: train, sample, fill in blanks, evaluate, serve, export, plot."""
 
 
 @cli.command()
@@ -239,6 +240,27 @@ def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors
 
 def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", default=64, show_default=True, help="Requests generated together in one batched step.")
+@click.option("--max-waiting", default=64, show_default=True,
+              help="Requests that may wait for a place in the batch; beyond them the server answers 429.")
+def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
+    """Serve CHECKPOINT over the OpenAI completions API, with a page to try it at /."""
+    if max_batch < 1 or max_waiting < 0:
+        raise ConfigError(f"--max-batch must be at least 1 and --max-waiting at least 0, got {max_batch} and "
+                          f"{max_waiting}")
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be from 0 to 65535, got {port}")
+    for module in ("starlette", "uvicorn"):
+        import_extra(module, "serve", "charlm serve")
+    from charlm.serve import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting)
 
 
 @cli.command()

@@ -50,14 +50,18 @@ def export(checkpoint: str | os.PathLike, to: str, out_dir: str | os.PathLike) -
     else:
         model_bytes = onnx_model(ckpt.model_config, ckpt.params).SerializeToString()
         dtype = "float32"
-    out_dir = _prepared_folder(Path(out_dir))
     files = {
         MODEL_FILES[to]: model_bytes,
         TOKENIZER_FILE: ckpt.tokenizer_json.encode("utf-8"),
         CONFIG_FILE: _export_config(ckpt, to, dtype),
     }
-    for name, data in files.items():
-        _write_replacing(out_dir / name, data)
+    out_dir = Path(out_dir)
+    try:
+        _prepare_folder(out_dir)
+        for name, data in files.items():
+            _write_replacing(out_dir / name, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot export to {out_dir}: {exc.strerror or exc}") from None
     return [out_dir / name for name in files]
 
 
@@ -160,13 +164,12 @@ def _export_config(ckpt: Checkpoint, to: str, dtype: str) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
-def _prepared_folder(folder: Path) -> Path:
+def _prepare_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file; export writes into a folder")
     if (folder / CHECKSUMS_FILE).exists():
         raise ConfigError(f"{folder} holds a charlm checkpoint; export into another folder")
     folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _write_replacing(path: Path, data: bytes) -> None:

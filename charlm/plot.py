@@ -72,7 +72,10 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Pl
     """Draw RUN's metrics (a run folder, or its metrics.jsonl) to `out` (default RUN/loss.png; the format
     follows the suffix), replacing it atomically so a viewer never shows half an image."""
     metrics = _metrics_path(Path(run))
-    train, val = read_metrics(metrics)
+    try:
+        train, val = read_metrics(metrics)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {metrics}: {exc.strerror or exc}") from None
     if not train.steps and not val.steps:
         raise ConfigError(f"{metrics} holds no training or validation records yet")
     out = Path(out) if out is not None else metrics.parent / "loss.png"

@@ -27,3 +27,24 @@ def corpora_dir(monkeypatch):
             monkeypatch.setenv("CHARLM_CORPORA", str(folder))
             return folder
     pytest.skip("shared corpora not found: set CHARLM_CORPORA or put them at ../shared/corpora")
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory):
+    """A tiny char model trained for a few seconds on "I love machine learning." lines, for the server tests."""
+    import numpy as np
+
+    from charlm.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("serve")
+    lines = ["I love machine learning.", "I love machine tools.", "I love deep learning.", "I like deep water."]
+    picks = np.random.default_rng(0).choice(len(lines), size=800, p=[0.5, 0.2, 0.2, 0.1])
+    corpus = root / "love.txt"
+    corpus.write_text("\n".join(lines[i] for i in picks) + "\n", encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHARLM_CACHE", str(root / "cache"))
+        train(TrainConfig.from_dict(dict(
+            corpus=str(corpus), out=str(root / "love"), num_layers=1, hidden_size=48, embed_dim=16, dropout=0.0,
+            seq_len=32, batch_size=16, lr=2e-2, warmup_steps=5, max_steps=60, eval_every=60, checkpoint_every=60,
+            log_every=20)), verbose=False)
+    return root / "love" / "best"

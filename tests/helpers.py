@@ -2,6 +2,12 @@
 
 import hashlib
 import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from charlm.checkpoint import CHECKSUMS_FILE
@@ -15,3 +21,49 @@ def rewrite_checksums(folder: Path) -> None:
         data = (folder / name).read_bytes()
         manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / CHECKSUMS_FILE).write_text(json.dumps(manifest))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`charlm serve CHECKPOINT` in a child process on a free loopback port; `url` is its base address."""
+
+    def __init__(self, checkpoint, *flags: str, startup_seconds: float = 90.0):
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "charlm", "serve", str(checkpoint), "--port", str(self.port), *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + startup_seconds
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited at start:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the server did not start in time") from None
+                time.sleep(0.1)
+
+    def stop(self) -> str:
+        """Terminate (SIGTERM) and wait; returns everything the server printed."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.output()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
