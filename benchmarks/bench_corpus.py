@@ -90,14 +90,21 @@ def main() -> None:
         for megabytes in sizes:
             corpus = work / f"wikitext2-x-{megabytes}MB.txt"
             nbytes = make_corpus(corpus, megabytes)
+            started = time.monotonic()
+            resolve_corpus(str(corpus))  # the pass every run makes: sha256, NUL bytes, UTF-8
+            check_s_per_gb = (time.monotonic() - started) / (nbytes / 1e9)
+            print(json.dumps({"corpus_mb": round(nbytes / 1e6), "check_s_per_gb": round(check_s_per_gb, 2)}),
+                  flush=True)
             for kind in kinds:
                 cache = work / f"cache-{kind}"
                 record = {"corpus_mb": round(nbytes / 1e6), "tokenizer": kind, "cache": "cold",
+                          "check_s_per_gb": round(check_s_per_gb, 2),
                           **run_train(corpus, kind, work, cache)}
                 records.append(record)
                 print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
                 if args.warm and kind == "char":
                     record = {"corpus_mb": round(nbytes / 1e6), "tokenizer": kind, "cache": "warm",
+                              "check_s_per_gb": round(check_s_per_gb, 2),
                               **run_train(corpus, kind, work, cache)}
                     records.append(record)
                     print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
@@ -113,12 +120,12 @@ def main() -> None:
 def print_table(records: list[dict]) -> None:
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores; command: charlm train --corpus FILE --tokenizer KIND "
           f"{' '.join(MODEL_FLAGS)}")
-    print("| corpus | tokenizer | cache | wall time | peak RSS | encoding (train, valid) | ids |")
-    print("|---:|---|---|---:|---:|---|---|")
+    print("| corpus | tokenizer | ids cache | wall time | peak RSS | encoding rate | ids | check pass |")
+    print("|---:|---|---|---:|---:|---:|---|---:|")
     for r in records:
         rates = ", ".join(f"{rate} MB/s" for rate in r["encode_mb_per_s"]) or "cached"
         print(f"| {r['corpus_mb']:,} MB | {r['tokenizer']} | {r['cache']} | {r['seconds']:.0f} s | "
-              f"{r['peak_rss_mib']:,} MiB | {rates} | {r['id_dtype'] or ''} |")
+              f"{r['peak_rss_mib']:,} MiB | {rates} | {r['id_dtype'] or ''} | {r['check_s_per_gb']:.1f} s/GB |")
 
 
 def cpu_name() -> str:
