@@ -132,8 +132,9 @@ def train(config_file, resume, force, **flags) -> None:
     config = merge_train_config(recipe, explicit, resume=resume, saved=saved)
     result = run_training(config, resume=resume, force=force)
     if result.signal_number is not None:
-        click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
-                   f"resume with: charlm train --out {shlex.quote(str(result.out))} --resume", err=True)
+        if result.rank == 0:  # one message from a data-parallel run, not one per process
+            click.echo(f"interrupted at step {result.step}; checkpoint saved to {result.last_checkpoint}; "
+                       f"resume with: charlm train --out {shlex.quote(str(result.out))} --resume", err=True)
         sys.exit(EXIT_SIGNAL_BASE + result.signal_number)
 
 

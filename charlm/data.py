@@ -137,10 +137,13 @@ class BatchStream:
     0.95, else N(seq_len / 2, 5), at least 2 and at most `max_seq_len` (seq_len + 15). The last window
     of an epoch is shorter when the streams run out, so an epoch covers every target exactly once.
     `state_dict()` captures the cursor and random state: a restored stream yields the same windows.
+
+    rows=(first, stop): yield only those rows of every window (this process's share of a batch split among
+    processes); the cursor, random draws and state stay those of the whole batch.
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, random_length: bool = False,
-                 sampling: str = "streams", seed: int = 0):
+                 sampling: str = "streams", seed: int = 0, rows: tuple[int, int] | None = None):
         require_int("batch_size", batch_size)
         require_int("seq_len", seq_len)
         if sampling not in SAMPLINGS:
@@ -157,13 +160,16 @@ class BatchStream:
                 f"(seq_len {seq_len} + 1) = {batch_size * (seq_len + 1)}; use a smaller batch or window"
             )
         self.batch_size = batch_size
+        self.rows = (0, batch_size) if rows is None else rows
+        if not 0 <= self.rows[0] < self.rows[1] <= batch_size:
+            raise ValueError(f"rows {self.rows} are not a share of a batch of {batch_size}")
         self.seq_len = seq_len
         self.random_length = random_length
         self.sampling = sampling
         self.max_seq_len = seq_len + int(3 * RANDOM_LENGTH_STD) if random_length else seq_len
         self._num_tokens = len(ids)
         self._ids = ids
-        self._streams = ids[: steps * batch_size].reshape(batch_size, steps)
+        self._streams = ids[: steps * batch_size].reshape(batch_size, steps)[self.rows[0]:self.rows[1]]
         self._steps = steps
         self._rng = np.random.default_rng(seed)
         self.current_epoch = 0
@@ -178,7 +184,7 @@ class BatchStream:
         start = self.position
         length = min(self._window_length(), self._steps - 1 - start)
         if self.sampling == "random":
-            row_starts = self._rng.integers(0, self._num_tokens - length, self.batch_size)
+            row_starts = self._rng.integers(0, self._num_tokens - length, self.batch_size)[self.rows[0]:self.rows[1]]
             spans = self._ids[row_starts[None, :] + np.arange(length + 1)[:, None]].astype(np.int32)
             inputs, targets = np.ascontiguousarray(spans[:-1]), np.ascontiguousarray(spans[1:])
         else:

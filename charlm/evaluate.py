@@ -80,19 +80,23 @@ def validation_sample(ids: np.ndarray, max_tokens: int, seed: int, rows: int = E
     return np.stack([np.asarray(ids[start:start + length + 1], dtype=np.int32) for start in starts])
 
 
-def evaluate_rows(model, rows: np.ndarray, *, chars: int, seq_len: int = 256) -> EvalResult:
+def evaluate_rows(model, rows: np.ndarray, *, chars: int, seq_len: int = 256, world=None) -> EvalResult:
     """Mean loss over each row's next-token predictions, every row an independent stream from a zero state
-    (a `validation_sample`)."""
+    (a `validation_sample`). With `world`, its processes score a share of the rows each and sum the nats."""
     if rows.ndim != 2 or rows.shape[1] < 2:
         raise CorpusError(f"rows to evaluate must be (rows, 2 or more tokens), got shape {rows.shape}")
-    inputs, targets = rows[:, :-1].T, rows[:, 1:].T
-    with model.frozen_weights():
-        total_nats, _ = _score_streams(model, inputs, targets, model.zero_state(rows.shape[0]), seq_len)
-    return _result(total_nats, inputs.size, chars)
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    first, stop = rows.shape[0] * rank // size, rows.shape[0] * (rank + 1) // size
+    total_nats = 0.0
+    if stop > first:
+        with model.frozen_weights():
+            total_nats, _ = _score_streams(model, rows[first:stop, :-1].T, rows[first:stop, 1:].T,
+                                           model.zero_state(stop - first), seq_len)
+    return _result(_sum_over(world, total_nats), rows.shape[0] * (rows.shape[1] - 1), chars)
 
 
 def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, seq_len: int = 256,
-                 progress: bool = False) -> EvalResult:
+                 progress: bool = False, world=None) -> EvalResult:
     """Mean loss over all N-1 next-token predictions of `ids`, none dropped.
 
     The predictions are cut into `batch_size` contiguous streams of equal length, scored window by window
@@ -100,6 +104,7 @@ def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, se
     stream continue that stream's state in a final batch-1 pass. The trainer calls this for validation, so
     `charlm eval` with the same batch size and window reproduces the logged validation loss exactly.
     `progress` shows a tqdm bar of the tokens scored on a terminal.
+    With `world` (charlm.distributed), its processes score a share of the streams each and sum the nats.
     """
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch size and window must be positive, got {batch_size} and {seq_len}")
@@ -109,19 +114,32 @@ def evaluate_ids(model, ids: np.ndarray, *, chars: int, batch_size: int = 16, se
     streams = min(batch_size, predictions)
     stream_len = predictions // streams
     covered = streams * stream_len
-    inputs = np.asarray(ids[:covered]).reshape(streams, stream_len).T
-    targets = np.asarray(ids[1:covered + 1]).reshape(streams, stream_len).T
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    first, stop = streams * rank // size, streams * (rank + 1) // size
+    inputs = np.asarray(ids[:covered]).reshape(streams, stream_len)[first:stop].T
+    targets = np.asarray(ids[1:covered + 1]).reshape(streams, stream_len)[first:stop].T
+    total_nats = 0.0
     bar = tqdm(total=predictions, unit="tok", unit_scale=True, desc="evaluating", file=sys.stderr,
                dynamic_ncols=True, disable=not (progress and sys.stderr.isatty()), leave=False)
     with bar, model.frozen_weights():
-        total_nats, state = _score_streams(model, inputs, targets, model.zero_state(streams), seq_len, bar)
-        if covered < predictions:
+        if stop > first:
+            total_nats, state = _score_streams(model, inputs, targets, model.zero_state(stop - first), seq_len, bar)
+        if covered < predictions and stop == streams:
             h, c = state
             last_stream = (np.ascontiguousarray(h[:, -1:]), np.ascontiguousarray(c[:, -1:]))
             tail_nats, _ = _score_streams(model, np.asarray(ids[covered:-1])[:, None],
                                           np.asarray(ids[covered + 1:])[:, None], last_stream, seq_len, bar)
             total_nats += tail_nats
-    return _result(total_nats, predictions, chars)
+    return _result(_sum_over(world, total_nats), predictions, chars)
+
+
+def _sum_over(world, nats: float) -> float:
+    """The nats of every process of `world` (charlm.distributed) summed; `nats` itself without one."""
+    if world is None:
+        return nats
+    total = np.array([nats])
+    world.sum_in_place(total)
+    return float(total[0])
 
 
 def _result(total_nats: float, predictions: int, chars: int) -> EvalResult:

@@ -199,6 +199,7 @@ class LSTMLanguageModel:
         self._workspaces: dict[tuple[int, bool], _Workspace] = {}
         self._saved: dict | None = None
         self._grads: dict[str, np.ndarray] | None = None
+        self._grad_buffer: np.ndarray | None = None
         self._frozen_depth = 0
         self._packed: set[tuple] = set()  # what inference workspaces hold of the weights (see _needs_packing)
 
@@ -246,10 +247,11 @@ class LSTMLanguageModel:
             raise ConfigError(f"state must be two arrays of shape {shape}, got {h0.shape} and {c0.shape}")
         return h0, c0
 
-    def _dropout_masks(self, ws: _Workspace, rng) -> list[np.ndarray | None]:
-        """Fresh inverted-dropout masks in the workspace's buffers (see `_Workspace.masks`)."""
+    def _dropout_masks(self, ws: _Workspace, rng, rows: tuple[int, int] | None = None) -> list[np.ndarray | None]:
+        """Fresh inverted-dropout masks in the workspace's buffers (see `_Workspace.masks`); `rows` as in
+        `forward`."""
         for mask in ws.masks[1:]:
-            self._fill_mask(mask, rng, self.config.dropout)
+            self._fill_mask(mask, rng, self.config.dropout, rows)
         return ws.masks
 
     def _weight_drop_masks(self, ws: _Workspace, rng) -> list[np.ndarray]:
@@ -259,9 +261,9 @@ class LSTMLanguageModel:
         return ws.w_hh_masks
 
     @staticmethod
-    def _fill_mask(mask: np.ndarray, rng, rate: float) -> None:
+    def _fill_mask(mask: np.ndarray, rng, rate: float, rows: tuple[int, int] | None = None) -> None:
         """Inverted-dropout mask: 0 with probability `rate`, else 1 / (1 - rate); rng draws only its key."""
-        dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate)
+        dropout_mask(mask, int(rng.integers(2**64, dtype=np.uint64)), 1.0 - rate, rows)
 
     def _recurrent_weights(self, ws: _Workspace, weight_masks) -> list[np.ndarray]:
         """Each layer's W_hh as this window uses it: the parameter, or its masked copy under weight drop."""
@@ -386,10 +388,12 @@ class LSTMLanguageModel:
     def _final_state(self, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([h[-1] for h in ws.h]), np.stack([c[-1] for c in ws.c])
 
-    def forward(self, ids, targets, state=None, train: bool = False, rng: np.random.Generator | None = None):
+    def forward(self, ids, targets, state=None, train: bool = False, rng: np.random.Generator | None = None,
+                rows: tuple[int, int] | None = None):
         """Mean cross-entropy (nats/token) of predicting `targets` from `ids`, both (T, B), starting from
         `state` (None = zeros); returns (loss, final state). train=True applies dropout with masks from
-        `rng` and keeps what backward() needs."""
+        `rng` and keeps what backward() needs. rows=(first, total): these B rows are rows first.. of a batch
+        of `total` rows split among processes, and take that batch's dropout masks for their rows."""
         ids = self._check_ids(ids, "ids")
         targets = self._check_ids(targets, "targets")
         if targets.shape != ids.shape:
@@ -402,7 +406,7 @@ class LSTMLanguageModel:
         masks = weight_masks = None
         rng = self._dropout_rng if rng is None else rng
         if train and self.config.dropout > 0.0:
-            masks = self._dropout_masks(ws, rng)
+            masks = self._dropout_masks(ws, rng, rows)
         if train and self.config.weight_drop > 0.0:
             weight_masks = self._weight_drop_masks(ws, rng)
         recurrent = self._recurrent_weights(ws, weight_masks)
@@ -434,9 +438,7 @@ class LSTMLanguageModel:
         saved, self._saved = self._saved, None
         ws, ids, masks, use_table = saved["ws"], saved["ids"], saved["masks"], saved["use_table"]
         config = self.config
-        if self._grads is None:
-            self._grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        grads = self._grads
+        grads = self._gradient_views()
         batch = ids.shape[1]
         d_h0 = np.zeros((config.num_layers, batch, config.hidden_size), self._dtype)
         d_c0 = np.zeros_like(d_h0)
@@ -448,6 +450,22 @@ class LSTMLanguageModel:
         if config.tie_weights:
             grads["embedding"] += ws.d_decoder
         return grads, (d_h0, d_c0)
+
+    @property
+    def flat_gradients(self) -> np.ndarray:
+        """One flat buffer that the arrays backward() returns are views of, in `param_shapes` order (to sum
+        across processes in one call)."""
+        self._gradient_views()
+        return self._grad_buffer
+
+    def _gradient_views(self) -> dict[str, np.ndarray]:
+        if self._grads is None:
+            self._grad_buffer = np.zeros(self.num_parameters(), self._dtype)
+            self._grads, start = {}, 0
+            for name, param in self.params.items():
+                self._grads[name] = self._grad_buffer[start:start + param.size].reshape(param.shape)
+                start += param.size
+        return self._grads
 
     def _backward_layers(self, ws: _Workspace, ids, masks, recurrent, use_table: bool, outputs, grads, d_h0,
                          d_c0) -> None:

@@ -4,10 +4,16 @@ Exact resume: everything the next step depends on -- weights and their average, 
 data cursor, dropout RNG, the hidden state carried between windows and the half-filled loss average of the
 log -- goes into every checkpoint, so a run stopped anywhere and resumed with `resume=True` ends with the same
 weights and the same metrics log (apart from the timing fields) as a run that was never stopped.
+
+Under `mpiexec -n N python -m mpi4py -m charlm train ...` the N processes train one model, synchronous data
+parallel (see charlm.distributed): each takes B/N rows of every window, with the dropout masks and data
+order of the whole batch, and every process applies the same update from the summed gradients, so N
+processes compute what one would. Rank 0 alone writes the run folder and the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,13 +33,14 @@ from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, Mod
                            option_default)
 from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
+from charlm.distributed import SingleProcess, world
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, evaluate_rows, predicted_chars, validation_sample
 from charlm.model import LSTMLanguageModel
 from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
 from charlm.runlock import LOCK_FILE, RunLock
-from charlm.runtime import ensure_threads_limited
-from charlm.tokenize import train_tokenizer
+from charlm.runtime import ensure_threads_limited, limit_threads, thread_count
+from charlm.tokenize import Tokenizer, train_tokenizer
 
 MAX_CONSECUTIVE_NONFINITE = 5
 METRICS_FILE = "metrics.jsonl"
@@ -71,6 +78,7 @@ class TrainResult:
     last_val_loss: float | None
     nonfinite_steps: int
     signal_number: int | None = None
+    rank: int = 0
 
     @property
     def last_checkpoint(self) -> Path:
@@ -85,12 +93,25 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, ver
     """
     if resume and force:
         raise ConfigError("use either --resume (continue the run) or --force (replace it), not both")
-    ensure_threads_limited()
+    processes = world()
+    threads = processes.threads_per_rank()
+    if threads is None:
+        ensure_threads_limited()
+    else:
+        limit_threads(threads)
+    verbose = verbose and processes.rank == 0
+    if verbose and not processes.aborts_all_on_error:
+        print("warning: start data-parallel runs as `mpiexec ... python -m mpi4py -m charlm train ...`, so that "
+              "an error in one process ends all of them instead of leaving the others waiting", file=sys.stderr)
     out = Path(config.out)
-    with RunLock(out):
+    # Rank 0 alone writes the run folder, and holds its lock for the whole run. Every process reads the
+    # checkpoint to resume (a shared file system, as for the corpus); rank 0 changes the folder only once
+    # all have looked.
+    with RunLock(out) if processes.rank == 0 else contextlib.nullcontext():
         checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
-        run = _Run(config, out, checkpoint, verbose)
-        if force:
+        run = _Run(config, out, checkpoint, verbose, processes)
+        processes.barrier()
+        if processes.rank == 0 and force:
             _remove_run_files(out)
         with _StopOnSignal(verbose) as stop:
             return run.loop(stop)
@@ -178,10 +199,13 @@ class _StopOnSignal:
 class _MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed as written so a killed run loses at most a line."""
 
-    def __init__(self, path: Path, keep_through_step: int) -> None:
+    def __init__(self, path: Path, keep_through_step: int, writer: bool = True) -> None:
+        """`writer` False: a process of a data-parallel run other than rank 0, which logs nothing."""
         self.path = path
-        self._truncate_after(keep_through_step)
-        self._handle = open(path, "a", encoding="utf-8")
+        self._handle = None
+        if writer:
+            self._truncate_after(keep_through_step)
+            self._handle = open(path, "a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint being resumed (and any torn last line)."""
@@ -201,6 +225,8 @@ class _MetricsLog:
 
     def write(self, record: dict) -> None:
         """Strict JSON: a non-finite number (a diverged loss, an infinite perplexity) is written as null."""
+        if self._handle is None:
+            return
         record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                   for key, value in record.items()}
         record["time"] = round(time.time(), 3)
@@ -208,38 +234,35 @@ class _MetricsLog:
         self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 class _Run:
     """One training session: the state that a checkpoint saves and the steps that advance it."""
 
-    def __init__(self, config: TrainConfig, out: Path, checkpoint: Checkpoint | None, verbose: bool) -> None:
+    def __init__(self, config: TrainConfig, out: Path, checkpoint: Checkpoint | None, verbose: bool,
+                 processes: SingleProcess) -> None:
         self.config = config
         self.out = out
         self.verbose = verbose
+        self.processes = processes
+        self.rows = processes.rows(config.batch_size)
         if checkpoint is not None:
             _check_resume_matches(config, checkpoint.train_config)
         splits = resolve_corpus(config.corpus, valid_fraction=config.valid_fraction, errors=config.encoding_errors)
         if checkpoint is not None and checkpoint.trainer_state.get("corpus_checksum") != splits.checksum:
             raise ConfigError(f"--resume: corpus {config.corpus!r} differs from the one this run was trained on")
         self.corpus_checksum = splits.checksum
-        if checkpoint is not None:
-            self.tokenizer = checkpoint.tokenizer
-        else:
-            sample_bytes = int(config.bpe_sample_mb * 1e6)
-            if verbose and config.tokenizer == "bpe" and splits.train.size > sample_bytes:
-                print(f"bpe: learning merges from a {config.bpe_sample_mb:g} MB sample (evenly spaced 1 MB blocks) "
-                      f"of the {splits.train.size / 1e6:,.0f} MB training split (--bpe-sample-mb)", file=sys.stderr)
-            self.tokenizer = train_tokenizer(config.tokenizer, splits.train, config.vocab_size,
-                                             bpe_sample_bytes=sample_bytes)
-        self.tokenizer_json = self.tokenizer.to_json()
-        # "replace": a capped vocabulary leaves rare training words out, and validation text may hold
-        # characters never seen in training; both count as <unk> rather than stopping the run.
-        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace",
-                                  verbose=verbose)
-        self.valid_ids = encode_cached(self.tokenizer, splits.valid, key=splits.cache_key("valid"),
-                                       unknown="replace", verbose=verbose)
+        # Rank 0 trains the tokenizer and fills the ids cache first; the other processes then take its
+        # tokenizer, and its ids from the cache where they share it (the same machine or file system).
+        if processes.rank == 0:
+            self.tokenizer = checkpoint.tokenizer if checkpoint is not None else self._train_tokenizer(splits)
+            train_ids = self._encode(splits)
+        self.tokenizer_json = processes.broadcast_json(self.tokenizer.to_json() if processes.rank == 0 else None)
+        if processes.rank != 0:
+            self.tokenizer = Tokenizer.from_json(self.tokenizer_json)
+            train_ids = self._encode(splits)
         if len(self.valid_ids) < 2:
             raise CorpusError(f"validation split of {config.corpus!r} is too short ({len(self.valid_ids)} tokens)")
         # A big validation split is scored on a fixed sample (the same windows every time), a small one whole.
@@ -248,7 +271,7 @@ class _Run:
         self.valid_chars = sum(predicted_chars(self.tokenizer, ids) for ids in scored)
         self.stream = BatchStream(train_ids, config.batch_size, config.seq_len,
                                   random_length=config.random_length, sampling=config.window_sampling,
-                                  seed=config.seed)
+                                  seed=config.seed, rows=self.rows)
 
         self.model_config = config.model_config(self.tokenizer.vocab_size)
         self.model = LSTMLanguageModel(self.model_config, params=checkpoint.params if checkpoint else None,
@@ -262,7 +285,7 @@ class _Run:
             self.model_config, params=self.average.averaged)
         self.plateau = PlateauDecay(factor=config.plateau_factor, patience=config.plateau_patience)
         self.dropout_rng = np.random.default_rng([config.seed, DROPOUT_RNG_STREAM])
-        self.hidden = self.model.zero_state(config.batch_size)
+        self.hidden = self._zero_state()
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0
@@ -277,12 +300,37 @@ class _Run:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.saved_step = self.step if checkpoint is not None else None
+        processes.broadcast_in_place(self.model.params.values())  # every process starts from rank 0's weights
+        self.clock = self.elapsed_before  # rank 0's elapsed seconds, as all processes last agreed on them
+        self.signal_number: int | None = None
 
         self.total_steps = self._total_steps()
         self.time_budget_s = None if config.time_budget is None else config.time_budget * 60.0
         if self.total_steps is None and self.time_budget_s is None:
             self.time_budget_s = DEFAULT_TIME_BUDGET_MINUTES * 60.0
         self.flops_per_token = training_flops_per_token(self.model_config)
+
+    def _train_tokenizer(self, splits) -> Tokenizer:
+        config = self.config
+        sample_bytes = int(config.bpe_sample_mb * 1e6)
+        if self.verbose and config.tokenizer == "bpe" and splits.train.size > sample_bytes:
+            print(f"bpe: learning merges from a {config.bpe_sample_mb:g} MB sample (evenly spaced 1 MB blocks) "
+                  f"of the {splits.train.size / 1e6:,.0f} MB training split (--bpe-sample-mb)", file=sys.stderr)
+        return train_tokenizer(config.tokenizer, splits.train, config.vocab_size, bpe_sample_bytes=sample_bytes)
+
+    def _encode(self, splits) -> np.ndarray:
+        """The training ids (returned) and validation ids (self.valid_ids) under self.tokenizer, from the cache."""
+        # "replace": a capped vocabulary leaves rare training words out, and validation text may hold
+        # characters never seen in training; both count as <unk> rather than stopping the run.
+        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace",
+                                  verbose=self.verbose)
+        self.valid_ids = encode_cached(self.tokenizer, splits.valid, key=splits.cache_key("valid"),
+                                       unknown="replace", verbose=self.verbose)
+        return train_ids
+
+    def _zero_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """A zero carried state for this process's rows."""
+        return self.model.zero_state(self.rows[1] - self.rows[0])
 
     def _total_steps(self) -> int | None:
         limits = []
@@ -308,7 +356,8 @@ class _Run:
         if self.average is not None:
             for name, param in self.model.params.items():
                 param[...] = moments[TRAINING_WEIGHTS_PREFIX + name]
-        self.hidden = (moments["state.h"].copy(), moments["state.c"].copy())
+        first, stop = self.rows
+        self.hidden = tuple(np.ascontiguousarray(moments[name][:, first:stop]) for name in ("state.h", "state.c"))
         self.stream.load_state_dict(state["data"])
         self.dropout_rng.bit_generator.state = state["dropout_rng"]
         self.plateau.load_state_dict(state["plateau"])
@@ -333,7 +382,9 @@ class _Run:
 
     def loop(self, stop: _StopOnSignal) -> TrainResult:
         self.session_start = time.monotonic()
-        self.metrics = _MetricsLog(self.out / METRICS_FILE, keep_through_step=self.step)
+        self.stop = stop
+        self.metrics = _MetricsLog(self.out / METRICS_FILE, keep_through_step=self.step,
+                                   writer=self.processes.rank == 0)
         try:
             reason = self._finished_reason()
             if reason is not None:
@@ -351,10 +402,6 @@ class _Run:
         interval_seconds, interval_tokens = 0.0, 0
         try:
             while True:
-                if stop.signal_number is not None:
-                    if self.saved_step != self.step:
-                        self.save_last()
-                    return self._result("interrupted", stop.signal_number)
                 started = time.monotonic()
                 lr, tokens = self._train_step()
                 interval_seconds += time.monotonic() - started
@@ -366,6 +413,7 @@ class _Run:
                 reason = self._finished_reason()
                 if self.step % self.config.eval_every == 0 or reason is not None:
                     self._validate(progress)
+                    self.clock = self._agree([])[0]
                     reason = reason or self._finished_reason()  # a budget spent validating ends the run here
                 if self.step % self.config.checkpoint_every == 0 or reason is not None:
                     self.save_last()
@@ -373,35 +421,44 @@ class _Run:
                     progress.close()
                     self._announce_end(reason)
                     return self._result(reason)
+                if self.signal_number is not None:  # seen by all processes in the same step
+                    if self.saved_step != self.step:
+                        self.save_last()
+                    self.processes.barrier()  # none exits (ending the job) while rank 0 is still saving
+                    return self._result("interrupted", self.signal_number)
         finally:
             progress.close()
 
     def _train_step(self) -> tuple[float, int]:
-        """One window: forward, backward, clip, AdamW; a non-finite loss or gradient skips the update.
+        """One window: forward, backward, sum over processes, clip, AdamW; a non-finite loss or gradient skips
+        the update.
 
-        Returns the learning rate used and the tokens in the window.
+        Returns the learning rate used and the tokens in the window (of all processes).
         """
         inputs, targets, reset_state = self.stream.next_window()
         if reset_state:
-            self.hidden = self.model.zero_state(self.config.batch_size)
-        loss, hidden = self.model.forward(inputs, targets, self.hidden, train=True, rng=self.dropout_rng)
+            self.hidden = self._zero_state()
+        loss, hidden = self.model.forward(inputs, targets, self.hidden, train=True, rng=self.dropout_rng,
+                                          rows=(self.rows[0], self.config.batch_size))
         grads, _ = self.model.backward()
+        loss = self._agree_on_step(loss)
         norm = clip_grad_norm(grads, self.config.clip)
         lr = self._learning_rate()
+        tokens = inputs.size * self.processes.size
         self.step += 1
-        self.tokens_seen += inputs.size
+        self.tokens_seen += tokens
         self.last_grad_norm = norm if math.isfinite(norm) else None
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
-            self.hidden = self.model.zero_state(self.config.batch_size)
+            self.hidden = self._zero_state()
             if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
                 raise TrainingDiverged(
                     f"training diverged: loss or gradients were non-finite for {self.consecutive_nonfinite} "
                     f"steps in a row (at step {self.step}); the last good checkpoint is {self.out / 'last'}; "
                     "try a lower --lr or --clip"
                 )
-            return lr, inputs.size
+            return lr, tokens
         self.consecutive_nonfinite = 0
         self.optimizer.step(grads, lr)
         if self.average is not None:
@@ -409,12 +466,33 @@ class _Run:
         self.hidden = hidden
         self.loss_sum += loss
         self.loss_count += 1
-        return lr, inputs.size
+        return lr, tokens
+
+    def _agree_on_step(self, loss: float) -> float:
+        """Make every process's gradients the whole batch's (one sum over one flat buffer, then the mean, as
+        each process's loss is the mean over its rows); agree on the loss, on rank 0's clock and on whether
+        any process was sent SIGINT or SIGTERM. Returns the whole batch's loss."""
+        if self.processes.size > 1:
+            gradients = self.model.flat_gradients
+            self.processes.sum_in_place(gradients)
+            gradients *= gradients.dtype.type(1.0 / self.processes.size)
+        signals = [float(self.stop.signal_number == signum) for signum in _StopOnSignal.SIGNALS]
+        self.clock, total_loss, *signalled = self._agree([loss, *signals])
+        stopping = [signum for signum, count in zip(_StopOnSignal.SIGNALS, signalled) if count]
+        if stopping:
+            self.signal_number = max(stopping)  # SIGTERM (a scheduler's) over SIGINT when both came
+        return total_loss / self.processes.size
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """[rank 0's elapsed seconds, then each value summed over the processes], identical on every one."""
+        summed = np.array([self.elapsed() if self.processes.rank == 0 else 0.0, *values])
+        self.processes.sum_in_place(summed)
+        return summed.tolist()
 
     def _learning_rate(self) -> float:
         progress = None
         if self.total_steps is None:
-            progress = self.elapsed() / self.time_budget_s
+            progress = self.clock / self.time_budget_s
         rate = learning_rate(self.step, base_lr=self.config.lr, warmup_steps=self.config.warmup_steps,
                              total_steps=self.total_steps, schedule=self.config.schedule,
                              min_lr_ratio=self.config.min_lr_ratio, progress=progress)
@@ -425,7 +503,7 @@ class _Run:
             return "max_steps"
         if self.config.epochs is not None and self.stream.current_epoch >= self.config.epochs:
             return "epochs"
-        if self.time_budget_s is not None and self.elapsed() >= self.time_budget_s:
+        if self.time_budget_s is not None and self.clock >= self.time_budget_s:
             return "time_budget"
         return None
 
@@ -452,9 +530,9 @@ class _Run:
         """The validation split (whole, state carried across windows, or its fixed sample), no dropout;
         saves best/ on improvement."""
         if self.valid_sample is None:
-            result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars)
+            result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars, world=self.processes)
         else:
-            result = evaluate_rows(self.eval_model, self.valid_sample, chars=self.valid_chars)
+            result = evaluate_rows(self.eval_model, self.valid_sample, chars=self.valid_chars, world=self.processes)
         finite = math.isfinite(result.loss)
         self.last_val_loss = result.loss if finite else None
         improved = finite and (self.best_val_loss is None or result.loss < self.best_val_loss)
@@ -467,20 +545,25 @@ class _Run:
             "loss": result.loss, "perplexity": result.perplexity, "bits_per_char": result.bits_per_char,
             "tokens": result.tokens, "best": improved, "elapsed": round(self.elapsed(), 3),
         })
-        if improved:
-            self._save(self.out / "best", with_optimizer=False)
+        if improved and self.processes.rank == 0:
+            self._save(self.out / "best")
         progress.write(f"step {self.step:>7} | epoch {self.stream.current_epoch} | val loss {result.loss:.4f} | "
                        f"ppl {result.perplexity:.2f} | bpc {result.bits_per_char:.3f}"
                        f"{' | best' if improved else ''} | {_format_duration(self.elapsed())}")
 
     def save_last(self) -> None:
-        self._save(self.out / "last", with_optimizer=True)
+        """Rank 0 saves last/, with the carried state of every process's rows gathered to it."""
+        h, c = (self.processes.gather_rows(state) for state in self.hidden)
+        if self.processes.rank == 0:
+            self._save(self.out / "last", hidden=(h, c))
         self.saved_step = self.step
 
-    def _save(self, folder: Path, *, with_optimizer: bool) -> None:
+    def _save(self, folder: Path, *, hidden: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """A checkpoint of the weights; with the whole batch's carried state `hidden`, also everything
+        --resume needs."""
         optimizer_state = None
-        if with_optimizer:
-            h, c = self.hidden
+        if hidden is not None:
+            h, c = hidden
             optimizer_state = {**self.optimizer.state_dict(), "state.h": h, "state.c": c}
             if self.average is not None:
                 optimizer_state.update({TRAINING_WEIGHTS_PREFIX + name: p for name, p in self.model.params.items()})
@@ -498,13 +581,20 @@ class _Run:
                   f"{self.time_budget_s / 60:g} min" if self.time_budget_s else None]
         print(f"{action}: {self.model.num_parameters():,} parameters ({c.model.num_layers}x{c.model.hidden_size} LSTM, "
               f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
-              f"{c.batch_size}x{c.seq_len} tokens, stop at {' or '.join(x for x in limits if x)}; "
-              f"writing {self.out}", file=sys.stderr)
+              f"{c.batch_size}x{c.seq_len} tokens{self._processes_note()}, "
+              f"stop at {' or '.join(x for x in limits if x)}; writing {self.out}", file=sys.stderr)
         if self.valid_sample is not None:
             rows, length = self.valid_sample.shape
             print(f"validating every {c.eval_every} steps on a fixed sample of {rows * (length - 1):,} of the "
                   f"{len(self.valid_ids) - 1:,} validation tokens ({rows} streams of {length - 1:,}, seed {c.seed}; "
                   "--eval-tokens); charlm eval scores the whole split", file=sys.stderr)
+
+    def _processes_note(self) -> str:
+        if self.processes.size == 1:
+            return ""
+        threads = thread_count()
+        return (f" on {self.processes.size} processes ({self.rows[1] - self.rows[0]} rows, {threads} "
+                f"thread{'s' if threads > 1 else ''} each)")
 
     def _announce_end(self, reason: str) -> None:
         if self.verbose:
@@ -515,7 +605,7 @@ class _Run:
     def _result(self, reason: str, signal_number: int | None = None) -> TrainResult:
         return TrainResult(out=self.out, step=self.step, stop_reason=reason, best_val_loss=self.best_val_loss,
                            last_val_loss=self.last_val_loss, nonfinite_steps=self.nonfinite_steps,
-                           signal_number=signal_number)
+                           signal_number=signal_number, rank=self.processes.rank)
 
 
 class _Progress:

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from charlm.corpus import cache_dir, registry
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where `charlm` itself keeps downloaded corpora, read before each test points CHARLM_CACHE at a fresh folder.
+USER_CORPORA = cache_dir() / "corpora"
 
 
 @pytest.fixture(autouse=True)
@@ -18,15 +22,16 @@ def charlm_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def corpora_dir(monkeypatch):
-    """The shared corpora ($CHARLM_CORPORA, else ../shared/corpora beside the repo), exported as
-    $CHARLM_CORPORA for the test; skips when they are absent."""
-    candidates = [os.environ.get("CHARLM_CORPORA"), str(REPO_ROOT.parent / "shared" / "corpora")]
+    """The registered corpora ($CHARLM_CORPORA, else the ones charlm downloaded into the user cache, else
+    ../shared/corpora beside the repo), exported as $CHARLM_CORPORA for the test; skips unless every
+    registered file is there."""
+    candidates = [os.environ.get("CHARLM_CORPORA"), str(USER_CORPORA), str(REPO_ROOT.parent / "shared" / "corpora")]
     for candidate in filter(None, candidates):
         folder = Path(candidate).expanduser().resolve()
-        if (folder / "ptb" / "train.txt").is_file():
+        if all((folder / name / file).is_file() for name, entry in registry().items() for file in entry["files"]):
             monkeypatch.setenv("CHARLM_CORPORA", str(folder))
             return folder
-    pytest.skip("shared corpora not found: set CHARLM_CORPORA or put them at ../shared/corpora")
+    pytest.skip("registered corpora not found: set CHARLM_CORPORA to a folder holding them")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +39,8 @@ def serve_checkpoint(tmp_path_factory):
     """A tiny char model trained for a few seconds on "I love machine learning." lines, for the server tests."""
     import numpy as np
 
-    from charlm.train import TrainConfig, train
+    from charlm.config import TrainConfig
+    from charlm.train import train
 
     root = tmp_path_factory.mktemp("serve")
     lines = ["I love machine learning.", "I love machine tools.", "I love deep learning.", "I like deep water."]

@@ -363,8 +363,20 @@ def test_dropout_masks_depend_on_key_and_index_only():
     pieces = np.empty(mask.size, np.float64)  # filled in uneven slices, as threads would
     threshold = np.uint64(round(0.7 * (1 << dropout.MASK_BITS)))
     for lo, hi in ((0, 1), (1, 5000), (5000, mask.size)):
-        dropout.dropout_mask_slice(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, lo, hi)
+        dropout.dropout_mask_slice(pieces, np.uint64(2**64 - 1), threshold, 1 / 0.7, mask.size, mask.size, 0,
+                                   lo, hi)
     np.testing.assert_array_equal(pieces, mask.reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 5), (7, 12, 5)])
+def test_a_share_of_the_rows_gets_exactly_those_rows_of_the_whole_mask(shape):
+    """Data-parallel processes each fill their rows; together they must hold the one-process mask."""
+    whole = np.empty(shape, np.float32)
+    dropout.dropout_mask(whole, key=11, keep=0.6)
+    for first, stop in ((0, 4), (4, 8), (8, 12), (3, 10)):
+        share = np.empty((shape[0], stop - first, shape[2]), np.float32)
+        dropout.dropout_mask(share, key=11, keep=0.6, rows=(first, shape[1]))
+        np.testing.assert_array_equal(share, whole[:, first:stop])
 
 
 @pytest.mark.parametrize("failing_part", [0, 1])

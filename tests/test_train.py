@@ -1,4 +1,4 @@
-"""The training loop on tiny models: learning, exact resume, signals, non-finite steps, run folders, config."""
+"""The training loop on tiny models: learning, exact resume, signals, non-finite steps, run folders."""
 
 import json
 import math
@@ -11,13 +11,11 @@ import pytest
 
 import charlm.train as train_module
 from charlm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from charlm.config import TrainConfig
 from charlm.corpus import resolve_corpus
 from charlm.errors import ConfigError, CorpusError
 from charlm.evaluate import evaluate
-from charlm.config import TrainConfig, load_recipe, merge_options
 from charlm.train import VOLATILE_METRIC_KEYS, TrainingDiverged, train
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -240,66 +238,6 @@ def test_a_budget_spent_validating_ends_the_run_with_that_validation(corpus, tmp
     result = train(tiny_config(corpus, out, max_steps=None, time_budget=30.0, eval_every=3), verbose=False)
     assert result.stop_reason == "time_budget" and result.step == 3
     assert [m["step"] for m in stable_metrics(out) if m["event"] == "val"] == [3]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (dict(num_layers=0), "--layers must be a positive integer"),
-    (dict(batch_size=-1), "--batch-size must be a positive integer"),
-    (dict(max_steps=0), "--max-steps must be a positive integer"),
-    (dict(lr=0.0), "--lr must be in"),
-    (dict(dropout=1.0), "--dropout must be in"),
-    (dict(time_budget=-5), "--time-budget must be in"),
-    (dict(tokenizer="bytes"), "--tokenizer must be one of"),
-    (dict(tie_weights=True), "tie_weights needs embed_dim == hidden_size"),
-    (dict(seq_len="128"), "--seq-len must be a positive integer"),
-])
-def test_config_rejects_out_of_range_values(corpus, tmp_path, overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        tiny_config(corpus, tmp_path / "run", **overrides)
-
-
-def test_config_round_trips_and_rejects_unknown_keys(corpus, tmp_path):
-    config = tiny_config(corpus, tmp_path / "run", lr=1)
-    assert isinstance(config.lr, float)
-    assert TrainConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ConfigError, match="unknown training option"):
-        TrainConfig.from_dict({**config.to_dict(), "hiden_size": 3})
-    with pytest.raises(ConfigError, match="--corpus is required"):
-        TrainConfig.from_dict({"out": "x"})
-
-
-def test_merge_replaces_the_whole_group_of_stop_conditions():
-    saved = {"corpus": "a", "max_steps": 100, "time_budget": None, "lr": 1.0}
-    assert merge_options(saved, {"lr": 2.0}) == {"corpus": "a", "epochs": None, "max_steps": 100, "time_budget": None,
-                                                 "lr": 2.0}
-    merged = merge_options({"time_budget": 30.0}, saved, {"epochs": 2})
-    assert (merged["epochs"], merged["max_steps"], merged["time_budget"]) == (2, None, None)
-
-
-@pytest.mark.parametrize("recipe", sorted((REPO_ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
-def test_every_recipe_is_a_valid_config_for_a_registered_corpus(recipe):
-    from charlm.corpus import registry
-
-    config = TrainConfig.from_dict(load_recipe(recipe))
-    assert config.corpus == recipe.stem and config.corpus in registry()
-    assert config.time_budget is not None
-
-
-def test_recipe_errors_are_config_errors(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("lr = \n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        load_recipe(bad)
-    bad.write_text("[model]\nhidden_size = 3\n")
-    with pytest.raises(ConfigError, match="flat"):
-        load_recipe(bad)
-    bad.write_text("seq-len = 64\nlearning_rate = 3\n")
-    with pytest.raises(ConfigError, match="learning_rate"):
-        load_recipe(bad)
-    with pytest.raises(ConfigError, match="not found"):
-        load_recipe(tmp_path / "missing.toml")
-    bad.write_text("seq-len = 64\n")
-    assert load_recipe(bad) == {"seq_len": 64}
 
 
 def test_flops_estimate_counts_every_matrix():

@@ -16,25 +16,37 @@ MASK_BITS = 24  # keep probability resolution 2**-24; float32 keeps 24 bits of i
 
 
 @njit(cache=True, nogil=True)
-def dropout_mask_slice(flat, key, threshold, scale, lo, hi):
-    """flat[n] = scale if hash(key, n) < threshold else 0 for n in [lo, hi) (see `dropout_mask`)."""
+def dropout_mask_slice(flat, key, threshold, scale, block, block_stride, offset, lo, hi):
+    """flat[n] = scale if hash(key, index) < threshold else 0 for n in [lo, hi), where index is n's place in
+    the whole mask: (n // block) * block_stride + offset + n % block (see `dropout_mask`)."""
     shift30, shift27, shift31 = np.uint64(30), np.uint64(27), np.uint64(31)
     shift_bits = np.uint64(64 - MASK_BITS)
     zero = flat.dtype.type(0.0)
     for n in range(lo, hi):
-        z = key + np.uint64(n + 1) * _SPLITMIX_GAMMA
+        index = (n // block) * block_stride + offset + n % block
+        z = key + np.uint64(index + 1) * _SPLITMIX_GAMMA
         z = (z ^ (z >> shift30)) * _SPLITMIX_MUL1
         z = (z ^ (z >> shift27)) * _SPLITMIX_MUL2
         z = z ^ (z >> shift31)
         flat[n] = scale if (z >> shift_bits) < threshold else zero
 
 
-def dropout_mask(out, key: int, keep: float) -> None:
+def dropout_mask(out, key: int, keep: float, rows: tuple[int, int] | None = None) -> None:
     """Fill out (any shape, C-contiguous) with an inverted-dropout mask: 1 / keep with probability keep, else 0,
     each element drawn by hashing (key, its index), in one parallel pass (numpy's random + compare + scale
-    took about four times as long)."""
+    took about four times as long).
+
+    rows=(first, total): out (S, B, ...) holds rows first..first+B of a (S, total, ...) mask and gets exactly
+    those rows' values, so processes sharing a batch draw the masks one process would."""
     flat = out.reshape(-1)
+    block = block_stride = max(flat.size, 1)
+    offset = 0
+    if rows is not None:
+        first, total = rows
+        row_size = out[0, 0].size
+        block, block_stride, offset = out.shape[1] * row_size, total * row_size, first * row_size
     threshold = np.uint64(round(keep * (1 << MASK_BITS)))
     scale = out.dtype.type(1.0 / keep)
-    parallel_chunks(flat.size, lambda lo, hi: dropout_mask_slice(flat, np.uint64(key), threshold, scale, lo, hi),
+    parallel_chunks(flat.size, lambda lo, hi: dropout_mask_slice(flat, np.uint64(key), threshold, scale, block,
+                                                                 block_stride, offset, lo, hi),
                     min_chunk=MIN_ELEMENTWISE_CHUNK)
