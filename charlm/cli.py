@@ -18,7 +18,7 @@ import click
 from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint, saved_train_config
 from charlm.config import (DEFAULT_TIME_BUDGET_MINUTES, DTYPES, FIELD_OF_FLAG, load_recipe, merge_train_config,
                            option_default)
-from charlm.corpus import ERROR_MODES, SPLITS, resolve_corpus
+from charlm.corpus import DEFAULT_VALID_FRACTION, ERROR_MODES, SPLITS, resolve_corpus
 from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
 from charlm.evaluate import evaluate
@@ -80,21 +80,25 @@ def cli() -> None:
 @click.option("--encoding-errors", type=click.Choice(ERROR_MODES),
               help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {option_default('encoding_errors')}].")
 @click.option("--valid-fraction", type=float,
-              help="Share of a single-file corpus held out for validation [default: the corpus's rule, else 0.1].")
+              help="Share of a single-file corpus held out for validation "
+                   f"[default: the corpus's rule, else {DEFAULT_VALID_FRACTION:g}].")
 @click.option("--layers", type=int, help=f"LSTM layers [default: {option_default('num_layers')}].")
 @click.option("--hidden", type=int, help=f"Hidden units per layer [default: {option_default('hidden_size')}].")
 @click.option("--embed", type=int, help=f"Embedding size [default: {option_default('embed_dim')}].")
 @click.option("--dropout", type=float, help=f"Dropout probability [default: {option_default('dropout')}].")
 @click.option("--locked-dropout/--per-step-dropout", default=None,
-              help="One dropout mask per window (AWD-LSTM) or a fresh one every step [default: locked].")
+              help="One dropout mask per window (AWD-LSTM) or a fresh one every step "
+                   f"[default: {'locked' if option_default('locked_dropout') else 'per-step'}].")
 @click.option("--weight-drop", type=float,
               help=f"DropConnect on W_hh, one mask per window (AWD-LSTM) [default: {option_default('weight_drop')}].")
-@click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden).")
+@click.option("--tie-weights/--no-tie-weights", default=None, help="Share embedding and decoder (embed == hidden) "
+                   f"[default: {'tied' if option_default('tie_weights') else 'not tied'}].")
 @click.option("--dtype", type=click.Choice(DTYPES),
               help=f"Parameter dtype [default: {option_default('dtype')}].")
 @click.option("--seq-len", type=int, help=f"Truncated-BPTT window T [default: {option_default('seq_len')}].")
 @click.option("--batch-size", type=int, help=f"Parallel streams B [default: {option_default('batch_size')}].")
-@click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T.")
+@click.option("--random-length/--fixed-length", default=None, help="Vary the window length around T "
+                   f"[default: {'random' if option_default('random_length') else 'fixed'}].")
 @click.option("--window-sampling", type=click.Choice(SAMPLINGS),
               help="B contiguous streams with the state carried, or rows at random places from a zero state "
                    f"[default: {option_default('window_sampling')}].")

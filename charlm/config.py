@@ -202,9 +202,6 @@ class TrainConfig:
         _require_choice("encoding_errors", self.encoding_errors, ERROR_MODES)
         _require_choice("window_sampling", self.window_sampling, SAMPLINGS)
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return self.model.with_vocab_size(vocab_size)
-
     def to_dict(self) -> dict:
         """The flat mapping of every option (the architecture's fields in place of `model`)."""
         options = {}

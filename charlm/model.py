@@ -21,6 +21,7 @@ import numpy as np
 
 from charlm.kernels import generate, gemm, lstm
 from charlm.kernels.dropout import dropout_mask
+from charlm.kernels.target import caches
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.runtime import (available_cores, ensure_threads_limited, meeting_counters, meetings_released_on_error,
@@ -28,10 +29,6 @@ from charlm.runtime import (available_cores, ensure_threads_limited, meeting_cou
                             single_threaded_blas, thread_count)
 
 EMBEDDING_TABLE_MODES = ("auto", "always", "never")
-# Batch-1 generation splits each token's products across as many threads as give each at least this many
-# weight bytes to read (about one core's L2): below it one core streams them about as fast as two, and the
-# threads' meetings (L + 1 a token) cost more than they save (measurements in benchmarks/README.md).
-PARALLEL_GENERATION_BYTES = 1 << 20
 # While generating on several threads, how often (seconds) to check that no other process has come to share
 # the cores (a meeting then waits for a descheduled thread, far slower than one thread alone),
 # and how soon to look again after a check found one, which may be passing through.
@@ -40,6 +37,14 @@ LOAD_CHECK_SECONDS = (0.25, 0.01)
 # on several threads, waking the pool's thread are paid once per chunk, and a chunk of a large model still
 # arrives within a blink.
 GENERATION_CHUNK = 64
+
+
+def parallel_generation_bytes() -> int:
+    """Weight bytes a thread of batch-1 generation should have to read, at least, before a token's products
+    are split across one more thread: one core's L2 (gemm.DEFAULT_L2_BYTES where the OS does not say).
+    A share that fits a core's L2 is read from there about as fast by one core as by two, and the threads'
+    meetings (L + 1 a token) then cost more than they save (measurements in benchmarks/README.md)."""
+    return caches().l2 or gemm.DEFAULT_L2_BYTES
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -104,8 +109,9 @@ class _Workspace:
     """Every buffer a window of up to `steps` steps needs, allocated once and reused by every window of
     that batch size (a shorter one uses a `prefix`)."""
 
-    def __init__(self, config: ModelConfig, steps: int, batch: int, train: bool):
+    def __init__(self, config: ModelConfig, steps: int, batch: int, train: bool, tile: gemm.Tile):
         dtype = np.dtype(config.dtype)
+        self.tile = tile
         self.steps, self.batch, self.train = steps, batch, train
         layers, hidden, vocab = config.num_layers, config.hidden_size, config.vocab_size
         self.h = [np.zeros((steps + 1, batch, hidden), dtype) for _ in range(layers)]  # h[l][0] = h0
@@ -119,11 +125,11 @@ class _Workspace:
         self.embedded = np.zeros((steps, batch, config.embed_dim), dtype)
         self.table = np.zeros((vocab, 4 * hidden), dtype)
         self.logits = np.zeros((steps * batch, vocab), dtype)
-        self.w_hh_panels = [self._panels(4 * hidden, hidden, dtype, batch) for _ in range(layers)]
+        self.w_hh_panels = [self._panels(4 * hidden, hidden, dtype, batch, tile) for _ in range(layers)]
         # Window-wide input projections have T*B rows; inference's per-step ones above layer 0 have B.
         self.w_ih_panels = [
             self._panels(4 * hidden, config.embed_dim if layer == 0 else hidden, dtype,
-                         steps * batch if train or layer == 0 else batch)
+                         steps * batch if train or layer == 0 else batch, tile)
             for layer in range(layers)
         ]
         dropout = train and config.dropout > 0.0
@@ -142,7 +148,7 @@ class _Workspace:
             self.w_hh_dropped = [np.zeros((4 * hidden, hidden), dtype) if weight_drop else None for _ in range(layers)]
             # Backward's recurrent products read W_hhᵀ packed straight from W_hh, or (without panels: a few
             # rows) as a contiguous copy; the other is empty.
-            self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype, batch)
+            self.w_hh_t_panels = self._panels(hidden, 4 * hidden, dtype, batch, tile)
             self.w_hh_t = np.zeros((0 if self.w_hh_t_panels.shape[0] else hidden, 4 * hidden), dtype)
             self.d_h = np.zeros((batch, hidden), dtype)
             self.d_c = np.zeros((batch, hidden), dtype)
@@ -171,11 +177,11 @@ class _Workspace:
         return view
 
     @staticmethod
-    def _panels(n_out: int, n_in: int, dtype, batch: int) -> np.ndarray:
+    def _panels(n_out: int, n_in: int, dtype, batch: int, tile: gemm.Tile) -> np.ndarray:
         """Room for a (n_out, n_in) matrix packed by gemm.pack_panels; empty where panels do not apply,
         e.g. for the few rows of beam search, which then skips packing W_hh at every step."""
-        width = gemm.panel_width(dtype)
-        n_panels = n_out // width if gemm.panels_apply(n_out, dtype, batch) else 0
+        width = gemm.panel_width(dtype, tile)
+        n_panels = n_out // width if gemm.panels_apply(n_out, dtype, batch, tile) else 0
         return np.zeros((n_panels, n_in, width), dtype)
 
 
@@ -195,6 +201,7 @@ class LSTMLanguageModel:
         self.params = init_params(config, seed) if params is None else _checked_params(config, params)
         self.embedding_table = embedding_table
         self._dtype = np.dtype(config.dtype)
+        self._tile = gemm.default_tile()
         self._dropout_rng = np.random.default_rng(seed)
         self._workspaces: dict[tuple[int, bool], _Workspace] = {}
         self._saved: dict | None = None
@@ -225,7 +232,7 @@ class LSTMLanguageModel:
         Shakespeare recipe: gigabytes)."""
         workspace = self._workspaces.get((batch, train))
         if workspace is None or workspace.steps < steps:
-            workspace = self._workspaces[(batch, train)] = _Workspace(self.config, steps, batch, train)
+            workspace = self._workspaces[(batch, train)] = _Workspace(self.config, steps, batch, train, self._tile)
             if not train:  # a new buffer holds none of the weights yet
                 self._packed = {key for key in self._packed if key[1] != batch}
         return workspace.prefix(steps)
@@ -305,7 +312,7 @@ class LSTMLanguageModel:
 
             gemm.pack_panels(w_hh, ws.w_hh_panels[layer])
             parallel_chunks(batch, lambda lo, hi: lstm.lstm_layer_forward(
-                acts, table, ws.table, ids, w_hh, ws.w_hh_panels[layer], bias, h, c, tanh_c, lo, hi))
+                acts, table, ws.table, ids, w_hh, ws.w_hh_panels[layer], bias, h, c, tanh_c, lo, hi, ws.tile))
         return self._layer_input(ws, self.config.num_layers, masks).reshape(n_tokens, hidden)
 
     @contextmanager
@@ -360,11 +367,10 @@ class LSTMLanguageModel:
                           acts0.reshape(n_tokens, -1), packed=True)
         parallel_chunks(batch, lambda lo, hi: lstm.lstm_stack_forward(
             acts0, use_table, ws.table, ids, w_ih, tuple(ws.w_ih_panels), tuple(recurrent), tuple(ws.w_hh_panels),
-            biases, tuple(ws.h), tuple(ws.c), ws.gates, ws.tanh_step, lo, hi))
+            biases, tuple(ws.h), tuple(ws.c), ws.gates, ws.tanh_step, lo, hi, ws.tile))
         return ws.h[-1][1:].reshape(n_tokens, -1)
 
-    @staticmethod
-    def _project(x: np.ndarray, w: np.ndarray, panels: np.ndarray, bias: np.ndarray, out: np.ndarray,
+    def _project(self, x: np.ndarray, w: np.ndarray, panels: np.ndarray, bias: np.ndarray, out: np.ndarray,
                  packed: bool = False) -> None:
         """out = x @ wᵀ + bias for a whole window, through the register tiles where the shapes allow (quicker
         than OpenBLAS on the model's shapes, whose rows are few), else BLAS. `packed`: the panels already
@@ -375,7 +381,9 @@ class LSTMLanguageModel:
             return
         if not packed:
             gemm.pack_panels(w, panels)
-        parallel_chunks(x.shape[0], lambda lo, hi: gemm.project_rows(x, w, panels, bias, out, lo, hi))
+        block = gemm.row_block(w.shape[1], w.shape[0], x.dtype, self._tile)
+        parallel_chunks(x.shape[0], lambda lo, hi: gemm.project_rows(x, w, panels, bias, out, lo, hi, block,
+                                                                     self._tile))
 
     @staticmethod
     def _layer_input(ws: _Workspace, layer: int, masks) -> np.ndarray:
@@ -492,7 +500,7 @@ class LSTMLanguageModel:
             ws.d_h.fill(0.0)
             ws.d_c.fill(0.0)
             parallel_chunks(batch, lambda lo, hi: lstm.lstm_layer_backward(
-                acts, ws.w_hh_t, ws.w_hh_t_panels, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi))
+                acts, ws.w_hh_t, ws.w_hh_t_panels, ws.d_h, ws.d_c, d_above, mask, c, tanh_c, lo, hi, ws.tile))
             d_h0[layer] = ws.d_h
             d_c0[layer] = ws.d_c
             d_gates = acts.reshape(n_tokens, 4 * hidden)
@@ -573,7 +581,7 @@ class LSTMLanguageModel:
         tokens = np.empty(GENERATION_CHUNK, np.int64)
         # Never more threads than CPUs: two meeting threads that share one run far slower than one thread.
         threads = max(1, min(thread_count(), available_cores(),
-                             self._generation_bytes(weights) // max(PARALLEL_GENERATION_BYTES, 1)))
+                             self._generation_bytes(weights) // max(parallel_generation_bytes(), 1)))
         meetings = meeting_counters(threads)
         # Each thread's own state and scratch; the first thread's state is the caller's h, c.
         own = [((h, c) if part == 0 else (h.copy(), c.copy()))
@@ -638,13 +646,13 @@ class LSTMLanguageModel:
             w_ih_panels=tuple(self._vector_panels(w, needed=layer > 0 or not use_table)
                               for layer, w in enumerate(w_ih)),
             w_hh_panels=tuple(self._vector_panels(w) for w in w_hh),
-            decoder_panels=self._vector_panels(self._decoder_weight))
+            decoder_panels=self._vector_panels(self._decoder_weight), tile=self._tile)
 
     def _vector_panels(self, matrix: np.ndarray, needed: bool = True) -> np.ndarray:
         """The whole blocks of `matrix`'s rows packed for batch-1 products (generate.generate_tokens): panels
         VECTOR_PANELS vectors wide, so each k reads one contiguous stretch; the rows after them stay dot
         products."""
-        block = gemm.VECTOR_PANELS * gemm.panel_width(self._dtype)
+        block = self._tile.vector_panels * gemm.panel_width(self._dtype, self._tile)
         n_blocks = matrix.shape[0] // block if needed else 0
         panels = np.empty((n_blocks, matrix.shape[1], block), self._dtype)
         gemm.pack_panels(matrix[:n_blocks * block], panels)

@@ -273,7 +273,7 @@ class _Run:
                                   random_length=config.random_length, sampling=config.window_sampling,
                                   seed=config.seed, rows=self.rows)
 
-        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        self.model_config = config.model.with_vocab_size(self.tokenizer.vocab_size)
         self.model = LSTMLanguageModel(self.model_config, params=checkpoint.params if checkpoint else None,
                                        seed=config.seed)
         self.optimizer = AdamW(self.model.params, lr=config.lr, betas=(config.beta1, config.beta2),

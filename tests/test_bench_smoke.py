@@ -30,10 +30,15 @@ def load_bench():
 def run_bench(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "bench.json"
     args = [sys.executable, str(SCRIPT), "--configs", MICRO, "--reps", "2", "--warmup", "1",
-            "--gen-tokens", "10", "--threads", "1", "--json", str(out), *extra]
+            "--gen-tokens", "10", "--threads", "1", "--bandwidth-mib", "16", "--json", str(out), *extra]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    return result, json.loads(out.read_text())["records"]
+    payload = json.loads(out.read_text())
+    environment = payload["environment"]
+    assert environment["isa"] in ("avx512", "avx2", "avx", "sse", "neon", "generic")
+    assert environment["cpu_model"] and environment["bandwidth_gbs"] > 0
+    assert f"charlm ISA: {environment['isa']}" in result.stdout and "memory read bandwidth" in result.stdout
+    return result, payload["records"]
 
 
 def test_flops_per_token_counts_the_nominal_dense_model():
@@ -93,6 +98,11 @@ def test_charlm_side_runs_on_a_micro_config(tmp_path):
         assert r["config"] == MICRO
         assert r["torch"] is None and r["ratio"] is None
         assert math.isfinite(r["charlm"]) and r["charlm"] > 0
+        if r["task"] == "generate":  # weights: 4 bytes x (4*32*(16+32) + 4*32*(32+32) + 65*32)
+            assert r["weights_bytes"] == 4 * (4 * 32 * 48 + 4 * 32 * 64 + 65 * 32)
+            assert r["exceeds_l3"] is False and 0 < r["bandwidth_share"]
+        else:
+            assert "weights_bytes" not in r
     assert MICRO in result.stdout and "GEMM peak" in result.stdout
 
 
@@ -106,6 +116,24 @@ def test_vs_torch_reports_ratios_where_above_one_means_charlm_wins(tmp_path):
     assert generate["ratio"] == pytest.approx(generate["torch"] / generate["charlm"])
     rss = by_metric["train", "peak_rss"]
     assert rss["ratio"] == pytest.approx(rss["torch"] / rss["charlm"])
+
+
+def test_isa_restriction_re_executes_with_every_library_restricted(monkeypatch):
+    bench = load_bench()
+    calls = []
+    monkeypatch.setattr(bench.os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    for name in bench.ISA_ENVIRONMENTS["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    bench.restrict_isa("avx2", ["--isa", "avx2", "--vs-torch"])
+    [(argv, env)] = calls
+    assert argv[-3:] == ["--isa", "avx2", "--vs-torch"]
+    assert (env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"], env["ONEDNN_MAX_CPU_ISA"], env["ATEN_CPU_CAPABILITY"],
+            env["OPENBLAS_CORETYPE"]) == ("haswell", "", "AVX2", "avx2", "Haswell")
+    for name, value in env.items():
+        if name in bench.ISA_ENVIRONMENTS["avx2"]:
+            monkeypatch.setenv(name, value)
+    bench.restrict_isa("avx2", ["--isa", "avx2"])  # restricted already: runs on
+    assert len(calls) == 1
 
 
 def test_unknown_task_is_a_usage_error():

@@ -95,18 +95,19 @@ def test_row_products_match_numpy(dtype, n_out, n_in, lo, hi):
     out = rng.standard_normal((hi + 2, n_out)).astype(dtype)
     expected = out.copy()
     expected[lo:hi] += x[lo:hi] @ w.T
-    width = gemm.panel_width(dtype)
-    panels = np.zeros((n_out // width if gemm.panels_apply(n_out, dtype, len(x)) else 0, n_in, width), dtype)
+    tile = gemm.default_tile()
+    width = gemm.panel_width(dtype, tile)
+    panels = np.zeros((n_out // width if gemm.panels_apply(n_out, dtype, len(x), tile) else 0, n_in, width), dtype)
     gemm.pack_panels(w, panels)
     unread = np.full_like(w, np.nan)  # with panels, w itself is never read
-    gemm.add_row_products(x, w if panels.shape[0] == 0 else unread, panels, out, lo, hi)
+    gemm.add_row_products(x, w if panels.shape[0] == 0 else unread, panels, out, lo, hi, tile)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_panels_packed_from_a_transposed_view_equal_those_of_a_contiguous_copy():
     w = np.random.default_rng(3).standard_normal((128, 64)).astype(np.float32)
-    width = gemm.panel_width(np.float32)
+    width = gemm.panel_width(np.float32, gemm.default_tile())
     from_view, from_copy = (np.zeros((64 // width, 128, width), np.float32) for _ in range(2))
     gemm.pack_panels(w.T, from_view)
     gemm.pack_panels(np.ascontiguousarray(w.T), from_copy)
@@ -125,9 +126,11 @@ def test_window_projection_matches_numpy_across_row_blocks(dtype):
     out = rng.standard_normal((n_rows, n_out)).astype(dtype)
     expected = out.copy()
     expected[lo:hi] = x[lo:hi] @ w.T + bias
-    panels = np.zeros((n_out // gemm.panel_width(dtype), n_in, gemm.panel_width(dtype)), dtype)
+    tile = gemm.default_tile()
+    width = gemm.panel_width(dtype, tile)
+    panels = np.zeros((n_out // width, n_in, width), dtype)
     gemm.pack_panels(w, panels)
-    gemm.project_rows(x, w, panels, bias, out, lo, hi)
+    gemm.project_rows(x, w, panels, bias, out, lo, hi, 2 * tile.rows, tile)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
@@ -136,7 +139,8 @@ def test_window_projection_matches_numpy_across_row_blocks(dtype):
 def test_batch_one_blocks_match_numpy(dtype):
     # Two whole blocks of packed rows, then a shorter last block that falls back to dot products.
     rng = np.random.default_rng(12)
-    block = gemm.VECTOR_PANELS * gemm.panel_width(dtype)
+    tile = gemm.default_tile()
+    block = tile.vector_panels * gemm.panel_width(dtype, tile)
     n_out, n_in = 2 * block + 5, 19
     w = rng.standard_normal((n_out, n_in)).astype(dtype)
     x = rng.standard_normal((1, n_in)).astype(dtype)
@@ -144,7 +148,7 @@ def test_batch_one_blocks_match_numpy(dtype):
     expected = out + x @ w.T
     panels = np.zeros((n_out // block, n_in, block), dtype)
     gemm.pack_panels(w[:len(panels) * block], panels)
-    gemm.add_matvec(x, w, panels, out, 0, n_out)
+    gemm.add_matvec(x, w, panels, out, 0, n_out, tile)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
@@ -188,10 +192,10 @@ def generation_threads(request, monkeypatch):
     """Every generation test on one thread and with each token's products split across all the threads (the
     test models are below the size at which generation would choose that itself)."""
     if request.param == "all_threads":
-        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
+        monkeypatch.setattr(charlm.model, "parallel_generation_bytes", lambda: 0)
         monkeypatch.setattr(charlm.model, "others_keep_cores_busy", lambda: False)
     else:
-        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 1 << 62)
+        monkeypatch.setattr(charlm.model, "parallel_generation_bytes", lambda: 1 << 62)
     return request.param
 
 
@@ -268,7 +272,7 @@ def test_haswell_openblas_kernels_only_on_amd_avx2_and_never_over_the_user():
 def test_generation_is_the_same_on_one_thread_and_on_all(monkeypatch):
     config = ModelConfig(vocab_size=40, embed_dim=5, hidden_size=64, num_layers=2)
     model = LSTMLanguageModel(config, seed=2)
-    monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", 0)
+    monkeypatch.setattr(charlm.model, "parallel_generation_bytes", lambda: 0)
     monkeypatch.setattr(charlm.model, "LOAD_CHECK_SECONDS", (0.0, 0.0))  # judge the load before every chunk
     compiled, parts_used = generate.generate_tokens, []
 
@@ -317,7 +321,7 @@ def test_generation_gives_each_thread_at_least_the_threshold_in_weights(monkeypa
     threads = charlm.runtime.thread_count()
     for threshold, parts in ((weight_bytes + 1, 1), (weight_bytes, 1), (weight_bytes // 2, min(2, threads)),
                              (1, threads)):
-        monkeypatch.setattr(charlm.model, "PARALLEL_GENERATION_BYTES", threshold)
+        monkeypatch.setattr(charlm.model, "parallel_generation_bytes", lambda: threshold)
         parts_used.clear()
         list(model.generate_ids([3, 1], 30, seed=5))
         assert parts_used == {parts}
@@ -389,7 +393,7 @@ from charlm.kernels import generate
 from charlm.config import ModelConfig
 from charlm.model import LSTMLanguageModel
 charlm.runtime.limit_threads(2)
-charlm.model.PARALLEL_GENERATION_BYTES = 0
+charlm.model.parallel_generation_bytes = lambda: 0
 charlm.model.others_keep_cores_busy = lambda: False
 compiled = generate.generate_tokens
 def generate_tokens(part, *args):

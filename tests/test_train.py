@@ -241,7 +241,7 @@ def test_a_budget_spent_validating_ends_the_run_with_that_validation(corpus, tmp
 
 
 def test_flops_estimate_counts_every_matrix():
-    config = TrainConfig(corpus="x", out="y").model_config(vocab_size=10)
+    config = TrainConfig(corpus="x", out="y").model.with_vocab_size(10)
     lstm = 4 * 512 * (128 + 512) + 4 * 512 * (512 + 512)
     assert train_module.training_flops_per_token(config) == 6 * (lstm + 10 * 512)
 

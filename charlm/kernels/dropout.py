@@ -18,17 +18,23 @@ MASK_BITS = 24  # keep probability resolution 2**-24; float32 keeps 24 bits of i
 @njit(cache=True, nogil=True)
 def dropout_mask_slice(flat, key, threshold, scale, block, block_stride, offset, lo, hi):
     """flat[n] = scale if hash(key, index) < threshold else 0 for n in [lo, hi), where index is n's place in
-    the whole mask: (n // block) * block_stride + offset + n % block (see `dropout_mask`)."""
+    the whole mask: (n // block) * block_stride + offset + n % block (see `dropout_mask`). One division per
+    block: the inner loop is the plain counter loop, which vectorises."""
     shift30, shift27, shift31 = np.uint64(30), np.uint64(27), np.uint64(31)
     shift_bits = np.uint64(64 - MASK_BITS)
     zero = flat.dtype.type(0.0)
-    for n in range(lo, hi):
-        index = (n // block) * block_stride + offset + n % block
-        z = key + np.uint64(index + 1) * _SPLITMIX_GAMMA
-        z = (z ^ (z >> shift30)) * _SPLITMIX_MUL1
-        z = (z ^ (z >> shift27)) * _SPLITMIX_MUL2
-        z = z ^ (z >> shift31)
-        flat[n] = scale if (z >> shift_bits) < threshold else zero
+    n = lo
+    while n < hi:
+        within = n % block
+        stop = min(hi, n + block - within)
+        shift = (n // block) * block_stride + offset + within - n  # index = n + shift inside this block
+        for m in range(n, stop):
+            z = key + np.uint64(m + shift + 1) * _SPLITMIX_GAMMA
+            z = (z ^ (z >> shift30)) * _SPLITMIX_MUL1
+            z = (z ^ (z >> shift27)) * _SPLITMIX_MUL2
+            z = z ^ (z >> shift31)
+            flat[m] = scale if (z >> shift_bits) < threshold else zero
+        n = stop
 
 
 def dropout_mask(out, key: int, keep: float, rows: tuple[int, int] | None = None) -> None:

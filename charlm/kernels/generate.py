@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 from charlm.kernels.fastmath import ERROR_MODEL, FASTMATH, exp
-from charlm.kernels.gemm import add_matvec
+from charlm.kernels.gemm import Tile, add_matvec
 from charlm.kernels.lstm import activate_gates, cell_update
 from charlm.runtime import meet
 
@@ -19,7 +19,8 @@ class GenerationWeights(NamedTuple):
 
     table0: (V, 4H) precomputed embedding @ W_ih0ᵀ, or a (0, 4H) array to use W_ih0 directly. w_ih, w_hh,
     bias: tuples of the L layers' arrays ((4H, In), (4H, H), (4H,)). The *_panels: the same matrices'
-    whole blocks of rows packed for `gemm.add_matvec` (N, K, block) (w_ih_panels[0] empty with a table)."""
+    whole blocks of rows packed for `gemm.add_matvec` (N, K, block) (w_ih_panels[0] empty with a table)
+    for `tile` (a `gemm.Tile`: block = its vector_panels vectors)."""
     embedding: np.ndarray
     table0: np.ndarray
     w_ih: tuple
@@ -30,6 +31,7 @@ class GenerationWeights(NamedTuple):
     w_ih_panels: tuple
     w_hh_panels: tuple
     decoder_panels: np.ndarray
+    tile: Tile
 
 
 class Sampling(NamedTuple):
@@ -134,19 +136,20 @@ def generate_tokens(part, n_parts, meetings, token, h, c, weights, sampling, uni
                     layer_gates[0, rows_lo:rows_hi] += weights.table0[token, rows_lo:rows_hi]
                 else:
                     add_matvec(weights.embedding[token:token + 1], weights.w_ih[0], weights.w_ih_panels[0],
-                               layer_gates, rows_lo, rows_hi)
+                               layer_gates, rows_lo, rows_hi, weights.tile)
             add_matvec(h[layer:layer + 1], weights.w_hh[layer], weights.w_hh_panels[layer], layer_gates, rows_lo,
-                       rows_hi)
+                       rows_hi, weights.tile)
         for layer in range(n_layers):
             if layer > 0:
                 add_matvec(h[layer - 1:layer], weights.w_ih[layer], weights.w_ih_panels[layer],
-                           gates[layer:layer + 1], rows_lo, rows_hi)
+                           gates[layer:layer + 1], rows_lo, rows_hi, weights.tile)
             activate_gates(gates[layer], rows_lo, rows_hi)
             meet(meetings, part, n_parts)
             cell_update(gates[layer], c[layer], c_next, h[layer], tanh_c)
             c[layer] = c_next
         logits[0, vocab_lo:vocab_hi] = weights.decoder_bias[vocab_lo:vocab_hi]
-        add_matvec(h[n_layers - 1:], weights.decoder_weight, weights.decoder_panels, logits, vocab_lo, vocab_hi)
+        add_matvec(h[n_layers - 1:], weights.decoder_weight, weights.decoder_panels, logits, vocab_lo, vocab_hi,
+                   weights.tile)
         meet(meetings, part, n_parts)
         token = sample(logits[0], sampling.temperature, sampling.top_k, sampling.top_p, uniforms[i], probs)
         if part == 0:

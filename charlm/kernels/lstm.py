@@ -72,18 +72,18 @@ def cell_update(gates, c_prev, c, h, tanh_c):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
-def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, c, tanh_c, lo, hi):
+def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, c, tanh_c, lo, hi, tile):
     """One layer's whole time loop over a window, for the batch rows [lo, hi) (a thread's share).
 
     acts: (T, B, 4H) holds the input projections x_t @ W_ihᵀ + bias on entry, or with `use_table` they are
     the rows ids (T, B) of table (V, 4H) plus bias; on exit the activations [i, f, g, o] kept for backward.
     Per step: pre-activations = projection + h_{t-1} @ W_hhᵀ (w_hh_panels: W_hh packed, see
-    `gemm.add_row_products`), then the gate nonlinearities and the cell update. h, c: (T+1, B, H) with the
-    initial state in h[0], c[0]; tanh_c: (T, B, H)."""
+    `gemm.add_row_products`, packed for the `gemm.Tile` tile), then the gate nonlinearities and the cell
+    update. h, c: (T+1, B, H) with the initial state in h[0], c[0]; tanh_c: (T, B, H)."""
     for t in range(acts.shape[0]):
         if use_table:
             _table_rows(table, ids[t], bias, acts[t], lo, hi)
-        add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi)
+        add_row_products(h[t], w_hh, w_hh_panels, acts[t], lo, hi, tile)
         for b in range(lo, hi):
             activate_gates(acts[t, b], 0, acts.shape[2])
             cell_update(acts[t, b], c[t, b], c[t + 1, b], h[t + 1, b], tanh_c[t, b])
@@ -91,7 +91,7 @@ def lstm_layer_forward(acts, use_table, table, ids, w_hh, w_hh_panels, bias, h, 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model=ERROR_MODEL)
 def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_hh_panels, biases, h, c, gates,
-                       tanh_c, lo, hi):
+                       tanh_c, lo, hi, tile):
     """Inference: every layer's time loop at once for the batch rows [lo, hi), layer l of step t right after
     layer l-1, so a step's pre-activations live only in `gates` (B, 4H) and the input projections of layers
     >= 1 are products inside the step (the same register tiles, on the thread's rows): no (T, B, 4H) buffer
@@ -103,12 +103,13 @@ def lstm_stack_forward(acts0, use_table, table, ids, w_ih, w_ih_panels, w_hh, w_
     for t in range(ids.shape[0]):
         for layer in range(len(w_hh)):
             if layer > 0:
-                project_rows(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], biases[layer], gates, lo, hi)
+                project_rows(h[layer - 1][t + 1], w_ih[layer], w_ih_panels[layer], biases[layer], gates, lo, hi,
+                             max(hi - lo, 1), tile)
             elif use_table:
                 _table_rows(table, ids[t], biases[0], gates, lo, hi)
             else:
                 gates[lo:hi] = acts0[t, lo:hi]
-            add_row_products(h[layer][t], w_hh[layer], w_hh_panels[layer], gates, lo, hi)
+            add_row_products(h[layer][t], w_hh[layer], w_hh_panels[layer], gates, lo, hi, tile)
             h_layer, c_layer = h[layer], c[layer]
             for b in range(lo, hi):
                 activate_gates(gates[b], 0, gates.shape[1])
@@ -170,7 +171,7 @@ def softmax_xent_forward_backward(logits, bias, targets, grad_scale):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
-def lstm_layer_backward(acts, w_hh_t, w_hh_t_panels, d_h, d_c, d_above, mask, c, tanh_c, lo, hi):
+def lstm_layer_backward(acts, w_hh_t, w_hh_t_panels, d_h, d_c, d_above, mask, c, tanh_c, lo, hi, tile):
     """Backward of `lstm_layer_forward` in reverse time for the batch rows [lo, hi).
 
     acts: (T, B, 4H) activations on entry, gradients of the gate pre-activations dG on exit. The gradient
@@ -200,7 +201,7 @@ def lstm_layer_backward(acts, w_hh_t, w_hh_t_panels, d_h, d_c, d_above, mask, c,
                 gates[3 * hidden + k] = dh * tc * o * (one - o)
                 dc_row[k] = dc * f
                 dh_rec[k] = 0.0
-        add_row_products(acts[t], w_hh_t, w_hh_t_panels, d_h, lo, hi)
+        add_row_products(acts[t], w_hh_t, w_hh_t_panels, d_h, lo, hi, tile)
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
