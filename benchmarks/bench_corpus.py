@@ -49,11 +49,11 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> int:
     return written
 
 
-def run_train(corpus: Path, kind: str, work: Path, cache: Path) -> dict:
+def run_train(corpus: Path, kind: str, work: Path, cache: Path, extra: list[str]) -> dict:
     """One `charlm train` in a child process: wall seconds, the child's peak RSS, what it printed."""
     out = work / f"run-{kind}"
     command = [sys.executable, "-m", "charlm", "train", "--corpus", str(corpus), "--out", str(out), "--force",
-               "--tokenizer", kind, *MODEL_FLAGS]
+               "--tokenizer", kind, *MODEL_FLAGS, *extra]
     env = {**os.environ, "CHARLM_CACHE": str(cache)}
     started = time.monotonic()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,9 +81,11 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help="also rerun char with its cache kept")
     parser.add_argument("--workdir", help="where corpora and caches go (default: a temporary folder)")
     parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--train-flags", default="", help="more flags for charlm train, e.g. '--eval-tokens 100000'")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     kinds = args.tokenizers.split(",")
+    extra = args.train_flags.split()
     work = Path(tempfile.mkdtemp(prefix="charlm-bench-corpus-", dir=args.workdir))
     records = []
     try:
@@ -97,29 +99,29 @@ def main() -> None:
                   flush=True)
             for kind in kinds:
                 cache = work / f"cache-{kind}"
-                record = {"corpus_mb": round(nbytes / 1e6), "tokenizer": kind, "cache": "cold",
+                record = {"corpus_mb": round(nbytes / 1e6), "tokenizer": kind, "cache": "cold", "flags": extra,
                           "check_s_per_gb": round(check_s_per_gb, 2),
-                          **run_train(corpus, kind, work, cache)}
+                          **run_train(corpus, kind, work, cache, extra)}
                 records.append(record)
                 print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
                 if args.warm and kind == "char":
                     record = {"corpus_mb": round(nbytes / 1e6), "tokenizer": kind, "cache": "warm",
                               "check_s_per_gb": round(check_s_per_gb, 2),
-                              **run_train(corpus, kind, work, cache)}
+                              **run_train(corpus, kind, work, cache, extra)}
                     records.append(record)
                     print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
             corpus.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(records)
+    print_table(records, extra)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "records": records}, indent=2))
 
 
-def print_table(records: list[dict]) -> None:
+def print_table(records: list[dict], extra: list[str]) -> None:
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores; command: charlm train --corpus FILE --tokenizer KIND "
-          f"{' '.join(MODEL_FLAGS)}")
+          f"{' '.join(MODEL_FLAGS + extra)}")
     print("| corpus | tokenizer | ids cache | wall time | peak RSS | encoding rate | ids | check pass |")
     print("|---:|---|---|---:|---:|---:|---|---:|")
     for r in records:
