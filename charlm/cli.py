@@ -254,7 +254,10 @@ def _finite_or_none(value):
 @click.option("--max-batch", default=64, show_default=True, help="Requests generated together in one batched step.")
 @click.option("--max-waiting", default=64, show_default=True,
               help="Requests that may wait for a place in the batch; beyond them the server answers 429.")
-def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
+@click.option("--threads", type=int,
+              help="Threads for the model's steps [default: the available cores]; 1 is quicker while other "
+                   "processes keep the cores busy.")
+def serve(checkpoint, host, port, max_batch, max_waiting, threads) -> None:
     """Serve CHECKPOINT over the OpenAI completions API, with a page to try it at /."""
     if max_batch < 1 or max_waiting < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-waiting at least 0, got {max_batch} and "
@@ -265,7 +268,9 @@ def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
         import_extra(module, "serve", "charlm serve")
     from charlm.serve import serve as run_server
 
-    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting, threads=threads)
 
 
 @cli.command()
