@@ -8,6 +8,7 @@
 - `lstm`: the model's forward/backward pairs (embedding, the layers' time loops, softmax cross-entropy).
 - `dropout`: dropout masks from a counter-based hash.
 - `generate`: batch-1 generation and sampling.
+- `utf8`: checking, counting and mapping the code points of raw UTF-8 bytes (corpus reading, char encoding).
 
 Conventions: B = batch rows, H = hidden size, gates come in blocks of H in the order i, f, g, o
 (PyTorch's), all arrays are C-contiguous and float32 or float64 (each kernel compiles once per dtype and
