@@ -3,8 +3,8 @@
     python benchmarks/compare_defaults.py --corpus FILE_OR_NAME --minutes 10            # both at once, a core each
     python benchmarks/compare_defaults.py --corpus ptb_char --minutes 10 --sequential   # one after the other
 
-charlm runs `python -m charlm train --corpus C --time-budget M` and nothing else (extra flags only through
-`--charlm-flag`); PyTorch runs torch_reference.py with the plain recipe: nn.LSTM 2×512, embedding 128,
+charlm runs `python -m charlm train --corpus C --time-budget M` and nothing else but `--eval-tokens 0`, so
+it is scored on the whole validation split as PyTorch is (extra flags only through `--charlm-flag`); PyTorch runs torch_reference.py with the plain recipe: nn.LSTM 2×512, embedding 128,
 dropout 0.2, Adam 2e-3 with cosine decay to 0.1× over the budget and no warm-up, T 128, B 32, streams with
 the state carried. Both see the same split (a registered corpus's own validation file, else the contiguous
 last 10 %) and are scored by charlm's evaluator on all of it, after the budget. By default the two run at
@@ -94,11 +94,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = resolve_corpus(args.corpus)
+    valid_text = resolve_corpus(args.corpus).valid.read_text()
     cpus = [None, None] if args.sequential else [int(c) for c in args.cpus.split(",")]
     threads = str(len(os.sched_getaffinity(0)) if args.sequential else 1)
     charlm_cmd = [sys.executable, "-m", "charlm", "train", "--corpus", args.corpus, "--out", str(out / "charlm"),
-                  "--time-budget", f"{args.minutes:g}", "--seed", str(args.seed), "--force", *args.charlm_flag]
+                  "--time-budget", f"{args.minutes:g}", "--seed", str(args.seed), "--eval-tokens", "0", "--force",
+                  *args.charlm_flag]
     torch_cmd = [sys.executable, str(HERE / "torch_reference.py"), "--corpus", args.corpus,
                  "--minutes", f"{args.minutes:g}", "--threads", threads, "--seed", str(args.seed), *TORCH_FLAGS]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -117,7 +118,7 @@ def main() -> None:
     rows = []
     for name, result, command in (("charlm", charlm_result(out / "charlm"), charlm_cmd),
                                   ("pytorch", torch_result(out / "torch.log"), torch_cmd)):
-        row = {"run": name, **result, "bits_per_byte": bits_per_byte(result["val"], splits.valid), **common,
+        row = {"run": name, **result, "bits_per_byte": bits_per_byte(result["val"], valid_text), **common,
                "command": " ".join(["charlm" if name == "charlm" else "python benchmarks/torch_reference.py",
                                     *command[3 if name == "charlm" else 2:]])}
         rows.append(row)

@@ -91,7 +91,8 @@ def main() -> None:
     splits = resolve_corpus(args.corpus)
     tokenizer = train_tokenizer("char", splits.train)
     # As `charlm train`: validation characters never seen in training count as <unk>.
-    train_ids, valid_ids = tokenizer.encode(splits.train), tokenizer.encode(splits.valid, unknown="replace")
+    train_ids = tokenizer.encode(splits.train.read_text())
+    valid_ids = tokenizer.encode(splits.valid.read_text(), unknown="replace")
     valid_chars = predicted_chars(tokenizer, valid_ids)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, embed_dim=128, hidden_size=512, num_layers=2,
                          dropout=0.2, locked_dropout=False)

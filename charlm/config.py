@@ -135,7 +135,9 @@ class TrainConfig:
     step count when there is one, else over the time budget. `ema_decay` > 0 validates and saves an
     exponential moving average of the weights (0 = the weights themselves). `warmup_steps` None warms up
     over DEFAULT_WARMUP_SHARE of the run. `vocab_size` caps a char or word vocabulary and sizes a BPE one
-    (None: every character or word seen; BPE's default size). The defaults (with Architecture's) are the
+    (None: every character or word seen; BPE's default size); BPE learns its merges from an evenly spaced
+    sample of `bpe_sample_mb` of a larger training split. Validation scores a fixed sample of about
+    `eval_tokens` tokens of a larger validation split (0: all). The defaults (with Architecture's) are the
     general recipe, compared with a plain PyTorch LSTM on text no setting was tuned on by
     benchmarks/compare_defaults.py.
     Errors name the options as `charlm train` spells them (`--layers`, not num_layers).
@@ -145,6 +147,7 @@ class TrainConfig:
     out: str
     tokenizer: str = "char"
     vocab_size: int | None = None
+    bpe_sample_mb: float = 50.0
     encoding_errors: str = "strict"
     valid_fraction: float | None = None
     model: Architecture = field(default_factory=Architecture)
@@ -167,6 +170,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None
     eval_every: int = 2000
+    eval_tokens: int = 1_000_000
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -188,13 +192,15 @@ class TrainConfig:
                 require_int(name, getattr(self, name), minimum=1)
         if self.warmup_steps is not None:
             require_int("warmup_steps", self.warmup_steps, minimum=0)
-        require_int("seed", self.seed, minimum=0)
+        for name in ("seed", "eval_tokens"):
+            require_int(name, getattr(self, name), minimum=0)
         _require_bool("random_length", self.random_length)
         ranges = {
             "lr": dict(low=0.0, low_open=True), "weight_decay": dict(low=0.0), "clip": dict(low=0.0),
             "beta1": dict(low=0.0, high=1.0), "beta2": dict(low=0.0, high=1.0), "ema_decay": dict(low=0.0, high=1.0),
             "min_lr_ratio": dict(low=0.0, high=1.0, high_closed=True),
             "plateau_factor": dict(low=0.0, high=1.0, low_open=True),
+            "bpe_sample_mb": dict(low=0.0, low_open=True),
         }
         if self.valid_fraction is not None:
             ranges["valid_fraction"] = dict(low=0.0, high=1.0, low_open=True)

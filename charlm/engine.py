@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, ConfigError
 from charlm.kernels.generate import sample
 from charlm.runtime import parallel_chunks, single_threaded_blas
 
@@ -143,7 +143,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_waiting: int = 64):
         if max_batch < 1 or max_waiting < 0:
-            raise CharlmError(f"need max_batch >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+            raise ConfigError(f"need max_batch >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -158,7 +158,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the engine thread, after one warm-up step (compiles the sampler, packs the weights)."""
+        """Start the engine thread and wait for one warm-up step (it compiles the sampler, packs the weights)."""
         self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
         self._thread.start()
         ended: Future = Future()

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from html import escape as html_escape
 from importlib import resources
 from pathlib import Path
@@ -104,6 +105,9 @@ def create_app(model, tokenizer, name: str, max_batch: int = 64, max_waiting: in
             body = await _json_body(request)
             prompts, sampling, n, stream, include_usage = _parse_completion(body)
             sequences = _sequences(prompts, sampling, n, tokenizer)
+            if len(sequences) > max_batch + max_waiting:
+                raise BadRequest(f"{len(prompts)} prompt(s) x n={n} is {len(sequences)} completions; this server "
+                                 f"holds at most {max_batch + max_waiting} at once", param="n")
         except BadRequest as exc:
             return error_response(400, str(exc), param=exc.param, code=exc.code)
         events: asyncio.Queue = asyncio.Queue()
@@ -274,14 +278,8 @@ def _sequences(prompts: list[str], sampling: Sampling, n: int, tokenizer):
                              param="prompt", code="prompt_too_long")
         for choice in range(n):
             seed = None if sampling.seed is None else sampling.seed + choice
-            own_sampling = sampling if choice == 0 else _with_seed(sampling, seed)
-            sequences.append(Sequence(ids, own, own_sampling, emit=lambda event: None))
+            sequences.append(Sequence(ids, own, replace(sampling, seed=seed), emit=lambda event: None))
     return sequences
-
-
-def _with_seed(sampling: Sampling, seed) -> Sampling:
-    fields = {k: getattr(sampling, k) for k in sampling.__dataclass_fields__}
-    return Sampling(**{**fields, "seed": seed})
 
 
 class _Mailbox:

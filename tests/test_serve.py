@@ -160,6 +160,12 @@ def test_bad_requests_get_400_in_openai_s_shape(server, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+def test_more_choices_than_the_server_holds_is_a_bad_request(server):
+    body = {"prompt": ["I love"] * 16, "n": 16, "max_tokens": 1}  # 256 completions, the server holds 128
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
 def test_the_client_sees_errors_as_its_own_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="love", prompt="I love", max_tokens=-5)
