@@ -6,8 +6,11 @@
 Each measurement is one `mpiexec -n N` job running the trainer's step on random ids, one global batch of
 T x B: forward and backward on this process's B/N rows, one sum of the flat gradient buffer over all
 processes (MPI Allreduce), clipping, AdamW. Jobs with 1 and N processes take turns (`--rounds` of each), and
-the table gives medians over all timed steps: tokens/s of the whole batch, and the Allreduce's own time per
-step (after a barrier, so the wait for the slowest process is shown apart, as "wait").
+the table gives medians over all timed steps: tokens/s of the whole batch, and the parts of a step: forward
+and backward ("compute"), the wait for the slowest process (a barrier), the Allreduce itself, and the update
+that every process repeats (mean, clipping, AdamW). On a machine that other work shares, the wall-clock
+speed-up measures the scheduler as much as charlm; "CPU tok/s" divides the tokens by rank 0's CPU time per
+step without the wait (what each process would reach with a core to itself), and "CPU x" is its ratio.
 """
 
 from __future__ import annotations
@@ -53,30 +56,33 @@ def worker(config: BenchConfig, steps: int, warmup: int) -> None:
                                             dtype=np.int32)
     inputs, targets = np.ascontiguousarray(ids[:-1, first:stop]), np.ascontiguousarray(ids[1:, first:stop])
     state = model.zero_state(stop - first)
-    step_times, compute_times, wait_times, allreduce_times = [], [], [], []
+    step_times, compute_times, wait_times, allreduce_times, update_times, busy_times = [], [], [], [], [], []
     for step in range(warmup + steps):
         processes.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         _, state = model.forward(inputs, targets, state, train=True, rows=(first, config.batch_size))
         grads, _ = model.backward()
-        computed = time.perf_counter()
+        computed, cpu_computed = time.perf_counter(), time.process_time()
         processes.barrier()
-        waited = time.perf_counter()
+        waited, cpu_waited = time.perf_counter(), time.process_time()
         processes.sum_in_place(model.flat_gradients)
         summed = time.perf_counter()
         if processes.size > 1:
             model.flat_gradients[...] *= np.float32(1.0 / processes.size)
         clip_grad_norm(grads, CLIP)
         optimizer.step(grads, LEARNING_RATE)
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
         if step >= warmup:
             step_times.append(end - start)
             compute_times.append(computed - start)
             wait_times.append(waited - computed)
             allreduce_times.append(summed - waited)
+            update_times.append(end - summed)
+            busy_times.append((cpu_end - cpu_start) - (cpu_waited - cpu_computed))
     if processes.rank == 0:
         print(json.dumps({"processes": processes.size, "step": step_times, "compute": compute_times,
-                          "wait": wait_times, "allreduce": allreduce_times,
+                          "wait": wait_times, "allreduce": allreduce_times, "update": update_times,
+                          "busy": busy_times,
                           "gradient_bytes": int(model.flat_gradients.nbytes)}))
 
 
@@ -125,8 +131,9 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {args.rounds} rounds x {args.steps} steps; "
           f"1 thread per process")
-    header = (f"{'config':<9} {'procs':>5} {'tokens/s':>9} {'step ms':>8} {'compute ms':>10} {'wait ms':>8} "
-              f"{'allreduce ms':>12} {'grad MB':>8} {'speed-up':>8}")
+    width = max(9, *(len(config.name) for config in configs))
+    header = (f"{'config':<{width}} {'procs':>5} {'tokens/s':>9} {'step ms':>8} {'compute ms':>10} {'wait ms':>8} "
+              f"{'allreduce ms':>12} {'update ms':>9} {'grad MB':>8} {'speed-up':>8} {'CPU tok/s':>10} {'CPU x':>6}")
     print(header)
     results = []
     for config in configs:
@@ -136,20 +143,23 @@ def main() -> None:
             for size in order:
                 jobs[size].append(run_job(size, config.name, args.steps, args.warmup))
         tokens = config.seq_len * config.batch_size
-        speeds = {}
+        speeds, busy_speeds = {}, {}
         for size, runs in jobs.items():
             median = {key: statistics.median(t for run in runs for t in run[key])
-                      for key in ("step", "compute", "wait", "allreduce")}
+                      for key in ("step", "compute", "wait", "allreduce", "update", "busy")}
             speeds[size] = tokens / median["step"]
+            busy_speeds[size] = tokens / median["busy"]
             record = {"config": config.name, "processes": size, "tokens_per_s": speeds[size],
                       **{f"{key}_ms": 1e3 * value for key, value in median.items()},
                       "gradient_bytes": runs[0]["gradient_bytes"]}
             results.append(record)
             speed_up = speeds[size] / speeds[1]
             verdict = "" if size == 1 else f"{speed_up:.2f}x {'ok' if speed_up >= TARGET_SPEEDUP else 'MISS'}"
-            print(f"{config.name:<9} {size:>5} {speeds[size]:>9,.0f} {record['step_ms']:>8.1f} "
+            busy_up = "" if size == 1 else f"{busy_speeds[size] / busy_speeds[1]:.2f}x"
+            print(f"{config.name:<{width}} {size:>5} {speeds[size]:>9,.0f} {record['step_ms']:>8.1f} "
                   f"{record['compute_ms']:>10.1f} {record['wait_ms']:>8.2f} {record['allreduce_ms']:>12.2f} "
-                  f"{record['gradient_bytes'] / 1e6:>8.1f} {verdict:>8}")
+                  f"{record['update_ms']:>9.1f} "
+                  f"{record['gradient_bytes'] / 1e6:>8.1f} {verdict:>8} {busy_speeds[size]:>10,.0f} {busy_up:>6}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args) | {"json": str(args.json)},
                                          "records": results}, indent=1))

@@ -85,9 +85,10 @@ def batch1_tokens_per_second(checkpoint: Path, tokens: int, reps: int) -> list[f
     return rates
 
 
-def start_server(checkpoint: Path, port: int, log) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, log, threads: int | None) -> subprocess.Popen:
+    flags = [] if threads is None else ["--threads", str(threads)]
     process = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(checkpoint), "--port", str(port),
-                                "--max-batch", str(MAX_BATCH), "--max-waiting", str(MAX_WAITING)],
+                                "--max-batch", str(MAX_BATCH), "--max-waiting", str(MAX_WAITING), *flags],
                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -103,29 +104,25 @@ def start_server(checkpoint: Path, port: int, log) -> subprocess.Popen:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, timeout: float) -> dict:
-    """One streamed completion: status, time to first text, tokens (from usage) and whether it ended whole."""
+    """One streamed completion: status, time to first text, tokens (from usage) and whether it ended whole.
+    Reads raw bytes and parses only the last events, so the clients take little of the CPU the server uses."""
     sent = time.perf_counter()
     first = None
-    usage = finish = None
-    done = False
+    tail = b""
     async with client.stream("POST", url, json=body, timeout=timeout) as response:
         if response.status_code != 200:
             await response.aread()
             return {"status": response.status_code}
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices", []):
-                if choice["text"] and first is None:
-                    first = time.perf_counter() - sent
-                finish = choice["finish_reason"] or finish
-    whole = done and finish == "length" and usage is not None and usage["completion_tokens"] == body["max_tokens"]
+        async for data in response.aiter_bytes():
+            if first is None and b'"text": "' in data.replace(b'"text": ""', b""):
+                first = time.perf_counter() - sent
+            tail = (tail + data)[-4096:]
+    events = [json.loads(event[6:]) for event in tail.decode("utf-8", "replace").split("\n\n")
+              if event.startswith("data: {")]
+    usage = next((e["usage"] for e in reversed(events) if e.get("usage")), None)
+    finish = next((c["finish_reason"] for e in reversed(events) for c in e["choices"] if c["finish_reason"]), None)
+    whole = (tail.endswith(b"data: [DONE]\n\n") and finish == "length" and usage is not None
+             and usage["completion_tokens"] == body["max_tokens"])
     return {"status": 200, "ttft": first, "tokens": usage["completion_tokens"] if usage else 0, "whole": whole}
 
 
@@ -193,7 +190,7 @@ def run_config(name: str, args, folder: Path) -> dict:
     before = batch1_tokens_per_second(checkpoint, args.batch1_tokens, args.batch1_reps)
     port = free_port()
     with open(folder / f"{name}-server.log", "w") as log:
-        server = start_server(checkpoint, port, log)
+        server = start_server(checkpoint, port, log, args.server_threads)
         try:
             load = asyncio.run(load_phase(port, args.clients, args.rounds, tuple(args.tokens), args.timeout))
             burst = asyncio.run(burst_phase(port, 3 * (MAX_BATCH + MAX_WAITING), args.timeout))
@@ -233,6 +230,7 @@ def main() -> None:
                         help="max_tokens of each request, drawn uniformly.")
     parser.add_argument("--batch1-tokens", type=int, default=1000)
     parser.add_argument("--batch1-reps", type=int, default=3, help="Batch-1 runs before and after the load.")
+    parser.add_argument("--server-threads", type=int, help="`charlm serve --threads` [default: its own].")
     parser.add_argument("--timeout", type=float, default=300.0, help="Seconds allowed per request.")
     parser.add_argument("--json", help="Also write the results here.")
     args = parser.parse_args()

@@ -85,7 +85,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     splits = resolve_corpus("tinyshakespeare", valid_fraction=0.1)
     tokenizer = train_tokenizer("char", splits.train)
-    train_ids, valid_ids = tokenizer.encode(splits.train), tokenizer.encode(splits.valid)
+    train_ids, valid_ids = tokenizer.encode(splits.train.read_text()), tokenizer.encode(splits.valid.read_text())
     config = ModelConfig(vocab_size=tokenizer.vocab_size, embed_dim=128, hidden_size=512, num_layers=2,
                          dropout=0.2, locked_dropout=False)
     evaluator = LSTMLanguageModel(config, seed=args.seed)

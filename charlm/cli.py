@@ -74,6 +74,9 @@ def cli() -> None:
 @click.option("--out", help="Run folder for last/, best/ and metrics.jsonl.")
 @click.option("--tokenizer", type=click.Choice(KINDS), help=f"Token unit [default: {option_default('tokenizer')}].")
 @click.option("--vocab-size", type=int, help="Vocabulary size: a cap for char/word, the target for bpe.")
+@click.option("--bpe-sample-mb", type=float,
+              help="BPE learns its merges from this many MB of a larger training split, evenly spaced "
+                   f"[default: {option_default('bpe_sample_mb'):g}].")
 @click.option("--encoding-errors", type=click.Choice(ERROR_MODES),
               help=f"Non-UTF-8 corpus bytes: fail, or use U+FFFD [default: {option_default('encoding_errors')}].")
 @click.option("--valid-fraction", type=float,
@@ -114,6 +117,9 @@ def cli() -> None:
 @click.option("--time-budget", type=float, metavar="MIN",
               help=f"Stop cleanly after MIN minutes [default without a stop flag: {DEFAULT_TIME_BUDGET_MINUTES:g}].")
 @click.option("--eval-every", type=int, help=f"Validate every N steps [default: {option_default('eval_every')}].")
+@click.option("--eval-tokens", type=int,
+              help="Validate on a fixed sample of about N tokens of a larger validation split, the same at every "
+                   f"evaluation; 0 = the whole split [default: {option_default('eval_tokens'):,}].")
 @click.option("--checkpoint-every", type=int,
               help=f"Save last/ every N steps [default: {option_default('checkpoint_every')}].")
 @click.option("--log-every", type=int,
@@ -215,7 +221,7 @@ def complete(checkpoint, text, top, beam_width, as_json, unknown) -> None:
               help="Text outside the vocabulary: fail, or map to the unknown token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors, unknown, as_json) -> None:
-    """Loss (nats/token), perplexity and bits per character of CHECKPOINT on a corpus split."""
+    """Loss (nats/token), perplexity and bits per character of CHECKPOINT on a whole corpus split."""
     model, tokenizer, ckpt = load_model(checkpoint)
     trained_on = ckpt.train_config or {}
     corpus = corpus or trained_on.get("corpus")
@@ -226,7 +232,8 @@ def eval_command(checkpoint, corpus, split, batch_size, seq_len, encoding_errors
     text = getattr(splits, split)
     if text is None:
         raise CorpusError(f"corpus {splits.name!r} has no {split} split; try --split valid")
-    result = evaluate(model, tokenizer, text, batch_size=batch_size, seq_len=seq_len, unknown=unknown)
+    result = evaluate(model, tokenizer, text, batch_size=batch_size, seq_len=seq_len, unknown=unknown,
+                      key=splits.cache_key(split), progress=not as_json)
     if as_json:
         doc = {"checkpoint": str(ckpt.folder), "corpus": splits.name, "split": split, **result.to_dict()}
         click.echo(json.dumps({k: _finite_or_none(v) for k, v in doc.items()}, allow_nan=False))
@@ -247,7 +254,10 @@ def _finite_or_none(value):
 @click.option("--max-batch", default=64, show_default=True, help="Requests generated together in one batched step.")
 @click.option("--max-waiting", default=64, show_default=True,
               help="Requests that may wait for a place in the batch; beyond them the server answers 429.")
-def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
+@click.option("--threads", type=int,
+              help="Threads for the model's steps [default: the available cores]; 1 is quicker while other "
+                   "processes keep the cores busy.")
+def serve(checkpoint, host, port, max_batch, max_waiting, threads) -> None:
     """Serve CHECKPOINT over the OpenAI completions API, with a page to try it at /."""
     if max_batch < 1 or max_waiting < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-waiting at least 0, got {max_batch} and "
@@ -258,7 +268,9 @@ def serve(checkpoint, host, port, max_batch, max_waiting) -> None:
         import_extra(module, "serve", "charlm serve")
     from charlm.serve import serve as run_server
 
-    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, max_waiting=max_waiting, threads=threads)
 
 
 @cli.command()

@@ -128,7 +128,9 @@ class TrainConfig:
     with none of them it stops after DEFAULT_TIME_BUDGET_MINUTES. The cosine schedule decays over the
     step count when there is one, else over the time budget. `ema_decay` > 0 validates and saves an
     exponential moving average of the weights (0 = the weights themselves). `vocab_size` caps a char or
-    word vocabulary and sizes a BPE one (None: every character or word seen; BPE's default size).
+    word vocabulary and sizes a BPE one (None: every character or word seen; BPE's default size); BPE
+    learns its merges from an evenly spaced sample of `bpe_sample_mb` of a larger training split.
+    Validation scores a fixed sample of about `eval_tokens` tokens of a larger validation split (0: all).
     Errors name the options as `charlm train` spells them (`--layers`, not num_layers).
     """
 
@@ -136,6 +138,7 @@ class TrainConfig:
     out: str
     tokenizer: str = "char"
     vocab_size: int | None = None
+    bpe_sample_mb: float = 50.0
     encoding_errors: str = "strict"
     valid_fraction: float | None = None
     model: Architecture = field(default_factory=Architecture)
@@ -158,6 +161,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None
     eval_every: int = 200
+    eval_tokens: int = 1_000_000
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -177,7 +181,7 @@ class TrainConfig:
         for name in ("vocab_size", "epochs", "max_steps"):
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "eval_tokens"):
             require_int(name, getattr(self, name), minimum=0)
         _require_bool("random_length", self.random_length)
         ranges = {
@@ -185,6 +189,7 @@ class TrainConfig:
             "beta1": dict(low=0.0, high=1.0), "beta2": dict(low=0.0, high=1.0), "ema_decay": dict(low=0.0, high=1.0),
             "min_lr_ratio": dict(low=0.0, high=1.0, high_closed=True),
             "plateau_factor": dict(low=0.0, high=1.0, low_open=True),
+            "bpe_sample_mb": dict(low=0.0, low_open=True),
         }
         if self.valid_fraction is not None:
             ranges["valid_fraction"] = dict(low=0.0, high=1.0, low_open=True)

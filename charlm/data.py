@@ -1,7 +1,8 @@
 """Token ids -> training windows: an on-disk cache of encoded ids, and truncated-BPTT batches.
 
-Ids are encoded once per (text, tokenizer) and kept as a memory-mapped .npy in cache_dir()/ids, so a
-large corpus is not held as text and ids at once and later runs skip encoding. BatchStream cuts the
+Ids are encoded once per (text, tokenizer) and kept in cache_dir()/ids as a flat file of ids in the
+smallest dtype that fits the vocabulary plus a JSON index (dtype, count), as Megatron's .bin/.idx; they
+are memory-mapped, so a corpus of any size is never held in memory, and later runs skip encoding. BatchStream cuts the
 ids into `batch_size` contiguous streams (pytorch/examples' `batchify`) and walks them in windows of
 `seq_len` steps; the hidden state carries from one window to the next and is reset only when an epoch
 starts, which each window reports. Or it samples every window's rows at random places in the corpus
@@ -11,16 +12,19 @@ starts, which each window reports. Or it samples every window's rows at random p
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from charlm.corpus import cache_dir
+from charlm.corpus import TextSpan, cache_dir, map_chunks
 from charlm.errors import ConfigError, CorpusError, require_int
 from charlm.tokenize import Tokenizer
 
@@ -28,40 +32,90 @@ RANDOM_LENGTH_STD = 5.0
 RANDOM_LENGTH_FULL_PROB = 0.95
 MIN_RANDOM_LENGTH = 2
 SAMPLINGS = ("streams", "random")
+REPORTED_ENCODE_BYTES = 1 << 24  # smaller texts encode in a blink: not worth a line
+ID_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32))
 
 
-def encode_cached(tokenizer: Tokenizer, text: str, key: str | None = None, unknown: str = "error") -> np.ndarray:
-    """Ids of `text`, read-only and memory-mapped from the cache (uint16, or uint32 for vocabularies
-    over 65,536). `key` must identify the text exactly (e.g. `CorpusSplits.cache_key("train")`); without
-    it the text itself is hashed."""
-    text_id = key if key is not None else "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-    digest = hashlib.sha256("\0".join([text_id, unknown, tokenizer.to_json()]).encode("utf-8")).hexdigest()
-    path = cache_dir() / "ids" / f"{digest}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            pass  # a damaged cache entry is rebuilt below, never trusted
-    ids = tokenizer.encode(text, unknown=unknown)
-    if ids.size == 0:
-        return ids
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    _save_atomically(path, ids.astype(dtype))
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+def encode_cached(tokenizer: Tokenizer, source: str | TextSpan, key: str | None = None, unknown: str = "error",
+                  *, verbose: bool = False) -> np.ndarray:
+    """Ids of `source`, read-only and memory-mapped from the cache, in the tokenizer's `id_dtype`.
+
+    `key` must identify the text exactly (e.g. `CorpusSplits.cache_key("train")`); without it a string
+    is hashed, a span keyed by its file's size, time and place. A span is encoded chunk by chunk on
+    every core (`map_chunks`) and written straight to the cache file, so neither its text nor all of
+    its ids are ever in memory; `verbose` prints what encoding a big span cost.
+    """
+    if key is None:
+        key = "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest() if isinstance(source, str) \
+            else f"file:{_file_identity(source)}"
+    digest = hashlib.sha256("\0".join([key, unknown, tokenizer.to_json()]).encode("utf-8")).hexdigest()
+    path = cache_dir() / "ids" / f"{digest}.bin"
+    cached = _load_entry(path)
+    if cached is not None:
+        return cached
+    if isinstance(source, str):
+        pieces = iter([tokenizer.encode(source, unknown=unknown).astype(tokenizer.id_dtype)])
+        size = len(source)
+    else:
+        def encode(data: bytes) -> np.ndarray:
+            return tokenizer.encode_utf8(data, unknown=unknown)
+        pieces = map_chunks(source, encode, desc=f"encoding ({tokenizer.kind})")
+        size = source.size
+    started = time.monotonic()
+    tokens = _write_entry(path, pieces, tokenizer.id_dtype)
+    seconds = time.monotonic() - started
+    if verbose and not isinstance(source, str) and size >= REPORTED_ENCODE_BYTES:
+        print(f"encoded {size / 1e6:,.1f} MB into {tokens:,} {tokenizer.kind} tokens ({tokenizer.id_dtype.name}) "
+              f"in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):,.0f} MB/s)", file=sys.stderr)
+    return _load_entry(path) if tokens else np.zeros(0, dtype=tokenizer.id_dtype)
 
 
-def _save_atomically(path: Path, array: np.ndarray) -> None:
+def _file_identity(span: TextSpan) -> str:
+    stat = os.stat(span.path)
+    return f"{os.path.abspath(span.path)}:{stat.st_size}:{stat.st_mtime_ns}:{span.start}:{span.end}:{span.errors}"
+
+
+def _load_entry(path: Path) -> np.ndarray | None:
+    """The ids of a complete cache entry (raw ids + a JSON index naming dtype and count), or None.
+    A damaged entry is rebuilt, never trusted."""
+    index = path.with_suffix(".json")
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+        dtype, tokens = np.dtype(meta["dtype"]), int(meta["tokens"])
+        if dtype not in ID_DTYPES or path.stat().st_size != tokens * dtype.itemsize or tokens == 0:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_entry(path: Path, pieces: Iterator[np.ndarray], dtype: np.dtype) -> int:
+    """Append each piece of ids to a temporary file beside `path`, then rename it and write the index
+    last (its presence marks the entry complete); returns the number of ids."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.part")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".bin.part")
+    tokens = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            np.save(out, array, allow_pickle=False)
+            for ids in pieces:
+                out.write(np.ascontiguousarray(ids, dtype=dtype).data)
+                tokens += len(ids)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp_name, path)
+        if tokens:
+            os.replace(tmp_name, path)
+            _write_text_atomically(path.with_suffix(".json"),
+                                   json.dumps({"dtype": np.dtype(dtype).name, "tokens": tokens}))
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+    return tokens
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class Window(NamedTuple):

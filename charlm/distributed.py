@@ -107,7 +107,8 @@ class MPIWorld(SingleProcess):
     def threads_per_rank(self) -> int:
         """Its own cores when the launcher bound this machine's ranks to disjoint cores, else the machine's
         cores shared out among its ranks (at least one each): never more threads than cores."""
-        own = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        own = sorted(affinity)
         shares = self._node.allgather(own)
         cores = set().union(*shares)
         if sum(len(share) for share in shares) == len(cores):

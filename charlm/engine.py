@@ -1,12 +1,13 @@
 """Continuous batching: many generation requests advance together, one batched model step per token.
 
-A server thread owns the model. Each turn it reads the prompts of newly admitted requests (their own
-windows, so each gets its own state), then runs one step for every request in flight at once: their last
-tokens form a (1, B) window and their states the batch rows, so the weights are read once for B tokens
-instead of once per token. Each request samples its row with its own temperature, top-k, top-p and seed
-(one uniform number a token from its own generator, as `LSTMLanguageModel.generate_ids` draws them, so a
-seed gives the same tokens as `charlm generate` up to floating-point rounding). A request joins at the next
-step after its prompt is read and leaves as soon as it ends, is cancelled or its consumer fails.
+A server thread owns the model. Each step runs every request in flight at once: their next input tokens form
+a (1, B) window and their states the batch rows, so the weights are read once for B tokens instead of once
+per token. A request's row either reads its prompt (a short prompt one token a step, inside the batch, so a
+crowd of new requests costs no extra passes over the weights; a long one in windows of its own before it
+joins) or samples with the request's own temperature, top-k, top-p and seed (one uniform number a token
+from its own generator, as `LSTMLanguageModel.generate_ids` draws them, so a seed gives the same tokens as
+`charlm generate` up to floating-point rounding). A request joins at the next step and leaves as soon as it
+ends, is cancelled or its consumer fails.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, ConfigError
 from charlm.kernels.generate import sample
-from charlm.runtime import parallel_chunks
+from charlm.runtime import parallel_chunks, single_threaded_blas
 
-# Prompt tokens read per model call: the window `charlm eval` uses, so long prompts need bounded memory.
+# Prompts of up to this many tokens are read inside the batched steps, one token a step; longer ones first
+# in windows of their own (a step per token would take too many steps).
+PROMPT_TOKENS_IN_BATCH = 32
+# Prompt tokens read per model call of a long prompt: the window `charlm eval` uses, so memory stays bounded.
 PROMPT_WINDOW = 256
-# Prompt tokens read in one turn before the next batched step: new requests' prompts are read together,
-# and a long prompt does not hold up every stream in flight for its whole length.
+# Long-prompt tokens read in one turn before the next batched step, so that they do not hold up every stream
+# in flight for their whole length.
 PROMPT_TOKENS_PER_TURN = 512
-
-
 class QueueFull(CharlmError):
     """More requests than the engine holds in flight plus its waiting room."""
 
@@ -108,9 +110,14 @@ class Sequence:
     c: np.ndarray | None = None
     rng: np.random.Generator | None = None
     decoder: object = None
-    prompt_read: int = 0
+    prompt_read: int = 0  # prompt tokens fed so far; the prompt is read when all but the last are
     prompt_state: tuple | None = None
     prompt_scores: list = field(default_factory=list)
+
+    @property
+    def reading(self) -> bool:
+        """Whether the next step feeds a prompt token rather than samples."""
+        return self.prompt_read < len(self.prompt_ids) - 1
 
     def cancel(self) -> None:
         """Stop generating (the client went away); takes effect before the next step."""
@@ -136,7 +143,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_waiting: int = 64):
         if max_batch < 1 or max_waiting < 0:
-            raise CharlmError(f"need max_batch >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+            raise ConfigError(f"need max_batch >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -151,7 +158,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the engine thread, after one warm-up step (compiles the sampler, packs the weights)."""
+        """Start the engine thread and wait for one warm-up step (it compiles the sampler, packs the weights)."""
         self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
         self._thread.start()
         ended: Future = Future()
@@ -187,7 +194,9 @@ class Engine:
         return future
 
     def _run(self) -> None:
-        with self.model.frozen_weights():  # the server never changes the weights: pack them once per batch size
+        # The server never changes the weights: pack them once per batch size. BLAS runs on the calling thread
+        # throughout (the model splits its products across its own threads).
+        with self.model.frozen_weights(), single_threaded_blas():
             while True:
                 with self._wake:
                     while not (self._stopping or self._calls or self._waiting or self._reading or self._active):
@@ -197,9 +206,8 @@ class Engine:
                     calls = list(self._calls)
                     self._calls.clear()
                     room = self.max_batch - len(self._active) - len(self._reading)
-                    while room > 0 and self._waiting:
-                        self._reading.append(self._waiting.popleft())
-                        room -= 1
+                    for _ in range(min(room, len(self._waiting))):
+                        self._admit(self._waiting.popleft())  # under the lock, so `submit` counts it
                 for function, future in calls:
                     if future.set_running_or_notify_cancel():
                         try:
@@ -213,9 +221,21 @@ class Engine:
         for sequence in left:
             self._fail(sequence, "the server is shutting down")
 
+    def _admit(self, sequence: Sequence) -> None:
+        """A short prompt joins the batch at once; a long one is read in windows first."""
+        if sequence.cancelled:
+            return
+        if len(sequence.prompt_ids) - 1 > PROMPT_TOKENS_IN_BATCH:
+            self._reading.append(sequence)
+            return
+        try:
+            self._join(sequence)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+            self._fail(sequence, f"starting the request failed: {exc}")
+
     def _read_prompts(self) -> None:
-        """Advance the prompts of newly admitted sequences, PROMPT_TOKENS_PER_TURN tokens in all (at least one
-        window); a sequence whose prompt is read joins the batch, or ends if it asked for no tokens."""
+        """Advance the long prompts of newly admitted sequences, PROMPT_TOKENS_PER_TURN tokens in all (at least
+        one window); a sequence whose prompt is read joins the batch."""
         budget = PROMPT_TOKENS_PER_TURN
         for sequence in list(self._reading):
             if budget <= 0:
@@ -225,10 +245,10 @@ class Engine:
                 continue
             try:
                 budget -= self._read_window(sequence)
-                if sequence.prompt_read < len(sequence.prompt_ids) - 1:
+                if sequence.reading:
                     continue
                 self._reading.remove(sequence)
-                self._begin(sequence)
+                self._join(sequence)
             except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
                 self._reading.remove(sequence)
                 self._fail(sequence, f"reading the prompt failed: {exc}")
@@ -241,18 +261,23 @@ class Engine:
             return 0
         logits, sequence.prompt_state = self.model.logits(np.ascontiguousarray(ids[start:stop, None]),
                                                           sequence.prompt_state)
-        if sequence.sampling.echo and sequence.sampling.logprobs is not None:
-            first_echoed = len(ids) - sequence.echo_count
-            for row, target in enumerate(range(start + 1, stop + 1)):
-                if target >= first_echoed:
-                    sequence.prompt_scores.append(self._token_info(logits[row, 0], int(ids[target]),
-                                                                   sequence.sampling.logprobs, ""))
-        sequence.prompt_read = stop
+        for row in range(stop - start):
+            self._score_prompt_token(sequence, logits[row, 0])
         return stop - start
 
-    def _begin(self, sequence: Sequence) -> None:
-        """Echo the prompt if asked, then join the batch (or end, for max_tokens 0)."""
+    def _score_prompt_token(self, sequence: Sequence, logits_row: np.ndarray) -> None:
+        """The prompt's next token has been fed and logits_row predicts the one after it: keep its score if
+        echo logprobs were asked for and it is one of the prompt's own (not the line start)."""
+        sequence.prompt_read += 1
+        target = sequence.prompt_read
         sampling = sequence.sampling
+        if sampling.echo and sampling.logprobs is not None and target >= len(sequence.prompt_ids) - sequence.echo_count:
+            sequence.prompt_scores.append(
+                self._token_info(logits_row, int(sequence.prompt_ids[target]), sampling.logprobs, ""))
+
+    def _join(self, sequence: Sequence) -> None:
+        """Give the sequence its state (zeros, or where its long prompt's windows left it) and a place in the
+        batch, its next input the first prompt token not yet fed."""
         config = self.model.config
         if sequence.prompt_state is None:
             sequence.h = np.zeros((config.num_layers, config.hidden_size), self.model.params["embedding"].dtype)
@@ -261,18 +286,22 @@ class Engine:
             sequence.h = np.ascontiguousarray(sequence.prompt_state[0][:, 0])
             sequence.c = np.ascontiguousarray(sequence.prompt_state[1][:, 0])
         sequence.prompt_state = None
-        sequence.token = int(sequence.prompt_ids[-1])
-        sequence.rng = np.random.default_rng(sampling.seed)
+        sequence.token = int(sequence.prompt_ids[sequence.prompt_read])
+        sequence.rng = np.random.default_rng(sequence.sampling.seed)
+        self._active.append(sequence)
+        if not sequence.reading:
+            self._prompt_read(sequence)
+
+    def _prompt_read(self, sequence: Sequence) -> None:
+        """All prompt tokens but the last are fed: echo the prompt if asked; end here for max_tokens 0."""
         sequence.decoder = self.tokenizer.decoder_stream()
         context = len(sequence.prompt_ids) - sequence.echo_count
         for token in sequence.prompt_ids[:context]:
             sequence.decoder.step(int(token))  # primes a word tokenizer's separator, as generation does
-        if sampling.echo and sequence.echo_count:
+        if sequence.sampling.echo and sequence.echo_count:
             self._echo(sequence, context)
-        if sampling.max_tokens == 0:
+        if sequence.sampling.max_tokens == 0:
             self._finish(sequence, "length")
-        else:
-            self._active.append(sequence)
 
     def _echo(self, sequence: Sequence, context: int) -> None:
         texts = [sequence.decoder.step(int(token)) for token in sequence.prompt_ids[context:]]
@@ -315,11 +344,19 @@ class Engine:
             return
         for index, sequence in enumerate(active):
             try:
-                self._advance(sequence, int(tokens[index]), logits[index])
+                if sequence.reading:
+                    self._score_prompt_token(sequence, logits[index])
+                    sequence.token = int(sequence.prompt_ids[sequence.prompt_read])
+                    if not sequence.reading:
+                        self._prompt_read(sequence)
+                else:
+                    self._advance(sequence, int(tokens[index]), logits[index])
             except Exception as exc:  # noqa: BLE001
                 self._fail(sequence, f"generation failed: {exc}")
 
     def _batched_step(self, active: list[Sequence], rows: int):
+        """Logits (count, V) of one step of all active sequences, and a sampled token for each row that is
+        not reading its prompt (-1 for those: they draw no random number)."""
         count = len(active)
         config = self.model.config
         h = np.zeros((config.num_layers, rows, config.hidden_size), active[0].h.dtype)
@@ -332,14 +369,20 @@ class Engine:
         logits = logits[0, :count]
         for index, sequence in enumerate(active):
             sequence.h, sequence.c = h[:, index].copy(), c[:, index].copy()
-        temperatures = np.array([s.sampling.temperature for s in active], np.float64)
-        top_ks = np.array([s.sampling.top_k for s in active], np.int64)
-        top_ps = np.array([s.sampling.top_p for s in active], np.float64)
-        uniforms = np.array([s.rng.random() for s in active], np.float64)
-        probs = np.empty((count, logits.shape[1]), np.float64)
-        tokens = np.empty(count, np.int64)
-        parallel_chunks(count, lambda lo, hi: _sample_rows(logits, temperatures, top_ks, top_ps, uniforms, probs,
-                                                           tokens, lo, hi))
+        tokens = np.full(count, -1, np.int64)
+        sampling = [index for index, sequence in enumerate(active) if not sequence.reading]
+        if sampling:
+            settings = [active[index].sampling for index in sampling]
+            temperatures = np.array([s.temperature for s in settings], np.float64)
+            top_ks = np.array([s.top_k for s in settings], np.int64)
+            top_ps = np.array([s.top_p for s in settings], np.float64)
+            uniforms = np.array([active[index].rng.random() for index in sampling], np.float64)
+            rows_logits = np.ascontiguousarray(logits[sampling])
+            probs = np.empty(rows_logits.shape, np.float64)
+            drawn = np.empty(len(sampling), np.int64)
+            parallel_chunks(len(sampling), lambda lo, hi: _sample_rows(rows_logits, temperatures, top_ks, top_ps,
+                                                                       uniforms, probs, drawn, lo, hi))
+            tokens[sampling] = drawn
         return logits, tokens
 
     def _advance(self, sequence: Sequence, token: int, logits_row: np.ndarray) -> None:

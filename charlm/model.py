@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from charlm.kernels import generate, gemm, lstm
+from charlm.kernels import generate, gemm, lstm, tuning
 from charlm.kernels.dropout import dropout_mask
 from charlm.kernels.target import caches
 from charlm.config import ModelConfig
@@ -226,13 +226,21 @@ class LSTMLanguageModel:
             return 2 * self.config.vocab_size <= n_tokens
         return self.embedding_table == "always"
 
+    def _time_loop_tile(self, batch: int) -> gemm.Tile:
+        """The register tile for the time loops' products, where each thread multiplies its share of the
+        batch rows with a (4H, H) matrix: measured once per CPU and shape where that leaves a choice
+        (charlm.kernels.tuning)."""
+        hidden = self.config.hidden_size
+        return tuning.tuned_tile(self._dtype, 4 * hidden, hidden, max(1, batch // thread_count()))
+
     def _workspace(self, steps: int, batch: int, train: bool) -> _Workspace:
         """One workspace per (batch, train) as long as the longest window so far, shorter windows using its
         prefix: random window lengths would otherwise keep a workspace per length seen (140 MB each for the Tiny
         Shakespeare recipe: gigabytes)."""
         workspace = self._workspaces.get((batch, train))
         if workspace is None or workspace.steps < steps:
-            workspace = self._workspaces[(batch, train)] = _Workspace(self.config, steps, batch, train, self._tile)
+            workspace = self._workspaces[(batch, train)] = _Workspace(self.config, steps, batch, train,
+                                                                      self._time_loop_tile(batch))
             if not train:  # a new buffer holds none of the weights yet
                 self._packed = {key for key in self._packed if key[1] != batch}
         return workspace.prefix(steps)

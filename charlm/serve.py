@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from html import escape as html_escape
 from importlib import resources
 from pathlib import Path
@@ -31,6 +33,7 @@ from starlette.routing import Route
 
 from charlm.engine import Engine, Failed, Finished, Piece, QueueFull, Sampling, Sequence
 from charlm.errors import CharlmError
+from charlm.runtime import limit_threads
 from charlm.sample import complete, context_ids
 
 MAX_TOKENS = 4096
@@ -74,6 +77,7 @@ def create_app(model, tokenizer, name: str, max_batch: int = 64, max_waiting: in
     """The ASGI app serving `model` as `name`; its engine thread starts and stops with the app's lifespan."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_waiting=max_waiting)
     created = int(time.time())
+    mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -101,12 +105,15 @@ def create_app(model, tokenizer, name: str, max_batch: int = 64, max_waiting: in
             body = await _json_body(request)
             prompts, sampling, n, stream, include_usage = _parse_completion(body)
             sequences = _sequences(prompts, sampling, n, tokenizer)
+            if len(sequences) > max_batch + max_waiting:
+                raise BadRequest(f"{len(prompts)} prompt(s) x n={n} is {len(sequences)} completions; this server "
+                                 f"holds at most {max_batch + max_waiting} at once", param="n")
         except BadRequest as exc:
             return error_response(400, str(exc), param=exc.param, code=exc.code)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        mailbox = mailboxes.setdefault(asyncio.get_running_loop(), _Mailbox(asyncio.get_running_loop()))
         for index, sequence in enumerate(sequences):
-            sequence.emit = _emitter(loop, events, index)
+            sequence.emit = mailbox.emitter(events, index)
         try:
             engine.submit(sequences)
         except QueueFull as exc:
@@ -155,12 +162,14 @@ def create_app(model, tokenizer, name: str, max_batch: int = 64, max_waiting: in
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          max_waiting: int = 64) -> None:
-    """Load CHECKPOINT and serve it until SIGINT/SIGTERM, which finish the requests in flight first."""
+          max_waiting: int = 64, threads: int | None = None) -> None:
+    """Load CHECKPOINT and serve it until SIGINT/SIGTERM, which finish the requests in flight first.
+    `threads`: for the model's batched steps (default: the cores available)."""
     import uvicorn
 
     from charlm.checkpoint import load_model
 
+    limit_threads(threads)
     model, tokenizer, ckpt = load_model(checkpoint)
     app = create_app(model, tokenizer, model_id(ckpt.folder), max_batch=max_batch, max_waiting=max_waiting)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
@@ -269,21 +278,34 @@ def _sequences(prompts: list[str], sampling: Sampling, n: int, tokenizer):
                              param="prompt", code="prompt_too_long")
         for choice in range(n):
             seed = None if sampling.seed is None else sampling.seed + choice
-            own_sampling = sampling if choice == 0 else _with_seed(sampling, seed)
-            sequences.append(Sequence(ids, own, own_sampling, emit=lambda event: None))
+            sequences.append(Sequence(ids, own, replace(sampling, seed=seed), emit=lambda event: None))
     return sequences
 
 
-def _with_seed(sampling: Sampling, seed) -> Sampling:
-    fields = {k: getattr(sampling, k) for k in sampling.__dataclass_fields__}
-    return Sampling(**{**fields, "seed": seed})
+class _Mailbox:
+    """Carries engine events to the event loop's queues: what the engine posts during a step is delivered by
+    one wake-up of the loop, not one per token per request (each a write to the loop's wake-up socket)."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
 
-def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int):
-    """An engine-thread callback that hands (choice index, event) to the request's event loop."""
-    def emit(event) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, (index, event))
-    return emit
+    def emitter(self, events: asyncio.Queue, index: int):
+        """An engine-thread callback that hands (choice index, event) to `events`."""
+        def emit(event) -> None:
+            with self._lock:
+                self._items.append((events, (index, event)))
+                first = len(self._items) == 1
+            if first:
+                self._loop.call_soon_threadsafe(self._deliver)
+        return emit
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for events, item in items:
+            events.put_nowait(item)
 
 
 class _Reply:
@@ -386,29 +408,37 @@ async def _collect(request: Request, reply: _Reply, events: asyncio.Queue, seque
 
 
 async def _stream(reply: _Reply, events: asyncio.Queue, sequences: list[Sequence], include_usage: bool):
-    """Server-sent events: one chunk per piece of a choice, its finish reason last, then [DONE]. When the
-    client goes away Starlette cancels this generator, and `finally` cancels its sequences."""
+    """Server-sent events: one chunk per piece of a choice, its finish reason last, then [DONE]. Events that
+    are already waiting go out in one write. When the client goes away Starlette cancels this generator, and
+    `finally` cancels its sequences."""
     pending = len(sequences)
     try:
         while pending:
-            index, event = await events.get()
-            if isinstance(event, Failed):
-                error = {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
-                yield _sse(error)
-                break
-            if isinstance(event, Piece):
-                fragment = reply.add(index, event)
-                if event.text or fragment:
-                    yield _sse(reply.chunk([{"index": index, "text": event.text, "finish_reason": None,
-                                             "logprobs": fragment}]))
-            else:
-                reply.end(index, event)
-                pending -= 1
-                yield _sse(reply.chunk([{"index": index, "text": "", "finish_reason": event.reason,
-                                         "logprobs": _empty_logprobs() if reply.with_logprobs else None}]))
-        if include_usage and not pending:
-            yield _sse(reply.chunk([], reply.usage()))
-        yield "data: [DONE]\n\n"
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            out = []
+            for index, event in batch:
+                if isinstance(event, Failed):
+                    out.append(_sse({"error": {"message": event.message, "type": "server_error", "param": None,
+                                              "code": None}}))
+                    pending = 0
+                    break
+                if isinstance(event, Piece):
+                    fragment = reply.add(index, event)
+                    if event.text or fragment:
+                        out.append(_sse(reply.chunk([{"index": index, "text": event.text, "finish_reason": None,
+                                                      "logprobs": fragment}])))
+                else:
+                    reply.end(index, event)
+                    pending -= 1
+                    out.append(_sse(reply.chunk([{"index": index, "text": "", "finish_reason": event.reason,
+                                                  "logprobs": _empty_logprobs() if reply.with_logprobs else None}])))
+            if pending == 0 and include_usage and all(reply.finish):
+                out.append(_sse(reply.chunk([], reply.usage())))
+            if pending == 0:
+                out.append("data: [DONE]\n\n")
+            yield "".join(out)
     finally:
         for sequence in sequences:
             sequence.cancel()

@@ -6,8 +6,11 @@
   decode(encode(s)) is exact up to whitespace: words are re-joined by single spaces, lines by "\n".
 - bpe: byte-level BPE, so every string encodes without unknowns and decodes back exactly.
 
-Char text is encoded with numpy (same ids as the `tokenizers` pipeline, which is slow on char
-tokens); word and BPE text goes through `tokenizers` in line-aligned chunks so it runs in parallel.
+Char text is mapped from its UTF-8 bytes by a Numba kernel and a table over code points (the same ids as
+the `tokenizers` pipeline, which is far slower on one token per character); word and BPE text goes through
+`tokenizers` in line-aligned chunks so it runs in parallel. A tokenizer trains on a string or on a corpus
+split read as a stream (`TextSpan`): characters are counted chunk by chunk on every core, words and BPE
+merges come from `tokenizers`' trainers fed an iterator, BPE on an evenly spaced sample of a big split.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from charlm.kernels import utf8
+from charlm.corpus import TextSpan, map_chunks
 from charlm.errors import ConfigError, TokenizerError
 
 KINDS = ("char", "word", "bpe")
@@ -31,9 +36,11 @@ DEFAULT_BPE_VOCAB_SIZE = 1024
 BYTE_ALPHABET_SIZE = 256
 UNKNOWN_MODES = ("error", "replace")
 ENCODE_CHUNK_CHARS = 1 << 16
-CHUNKS_PER_BATCH = 64
-CHAR_ENCODE_BLOCK = 1 << 22
+CHUNKS_PER_BATCH = 16  # 1 M characters: the library returns rich Encoding objects, keep few alive
 SHOWN_UNKNOWNS = 8
+CODE_POINTS = 0x110000
+DECODE_BLOCK_TOKENS = 1 << 20
+DEFAULT_BPE_SAMPLE_BYTES = 50 * 10**6
 
 # A cut after a newline followed by a word character (or one space and a word character, as every PTB
 # and WikiText line starts) is a boundary for both the whitespace and the byte-level (GPT-2 regex)
@@ -41,17 +48,52 @@ SHOWN_UNKNOWNS = 8
 _CHUNK_CUT = re.compile(r"\n(?= ?\w)")
 
 
-def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer from training text; `vocab_size` caps char/word (most frequent kept), sizes BPE."""
+def train_tokenizer(kind: str, source: str | TextSpan, vocab_size: int | None = None,
+                    bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE_BYTES) -> Tokenizer:
+    """Build a tokenizer from training text (a string, or a corpus split read as a stream); `vocab_size`
+    caps char/word (most frequent kept), sizes BPE. BPE learns its merges from `bpe_sample_bytes` of a
+    larger split (`TextSpan.sample_ranges`); char and word vocabularies count all of it."""
     if kind not in KINDS:
         raise ConfigError(f"tokenizer kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not text:
+    if not (source if isinstance(source, str) else source.size):
         raise TokenizerError("cannot train a tokenizer on empty text")
+    if isinstance(source, str):
+        _require_encodable(source)
     if kind == "char":
-        return Tokenizer(_char_backend(text, vocab_size))
+        return Tokenizer(_char_backend(_count_code_points(source), vocab_size))
     if kind == "word":
-        return Tokenizer(_word_backend(text, vocab_size))
-    return Tokenizer(_bpe_backend(text, vocab_size))
+        return Tokenizer(_word_backend(_text_chunks(source), vocab_size))
+    return Tokenizer(_bpe_backend(_text_chunks(source, sample_bytes=bpe_sample_bytes), vocab_size))
+
+
+def _text_chunks(source: str | TextSpan, sample_bytes: int | None = None) -> Iterator[str]:
+    if isinstance(source, str):
+        return _chunks(source, ENCODE_CHUNK_CHARS)
+    return source.chunks(source.sample_ranges(sample_bytes) if sample_bytes else None)
+
+
+def _count_code_points(source: str | TextSpan) -> np.ndarray:
+    """(0x110000,) int64 occurrences of each code point, counted chunk by chunk (in parallel for a span)."""
+    counts = np.zeros(CODE_POINTS, dtype=np.int64)
+    if isinstance(source, str):
+        for piece in _chunks(source, ENCODE_CHUNK_CHARS):
+            utf8.count_code_points(np.frombuffer(piece.encode("utf-8"), dtype=np.uint8), counts)
+        return counts
+    for present, occurrences in map_chunks(source, _code_points_in, desc="counting characters"):
+        counts[present] += occurrences
+    return counts
+
+
+def _code_points_in(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(code points present, their counts) in UTF-8 bytes; invalid bytes (a corpus read with
+    errors="replace") count as U+FFFD, as decoding them would."""
+    counts = np.zeros(CODE_POINTS, dtype=np.int64)
+    if utf8.count_code_points(np.frombuffer(data, dtype=np.uint8), counts) >= 0:
+        counts[:] = 0
+        text = data.decode("utf-8", errors="replace").encode("utf-8")
+        utf8.count_code_points(np.frombuffer(text, dtype=np.uint8), counts)
+    present = np.flatnonzero(counts)
+    return present, counts[present]
 
 
 class Tokenizer:
@@ -77,6 +119,7 @@ class Tokenizer:
             byte_of = {char: byte for byte, char in enumerate(_byte_level_alphabet())}
             self._token_bytes = [bytes(byte_of[c] for c in token) for token in self._tokens]
         self._boundary = np.array([self._token_is_boundary(i) for i in range(self.vocab_size)], dtype=bool)
+        self._clean_restart = np.array([self._decoding_restarts_at(i) for i in range(self.vocab_size)], dtype=bool)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -100,8 +143,39 @@ class Tokenizer:
             return np.zeros(0, dtype=np.int32)
         _require_encodable(text)
         if self.kind == "char":
-            return self._encode_chars(text, unknown)
-        return self._encode_with_backend(text, unknown)
+            return self._encode_chars(text.encode("utf-8"), unknown, np.int32)
+        return self._encode_with_backend(text, unknown).astype(np.int32, copy=False)
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The smallest unsigned integer type that holds every id: uint8 up to 256 tokens, then uint16, uint32."""
+        for dtype in (np.uint8, np.uint16, np.uint32):
+            if self.vocab_size <= np.iinfo(dtype).max + 1:
+                return np.dtype(dtype)
+        raise TokenizerError(f"vocabulary of {self.vocab_size} tokens is too large")
+
+    def encode_utf8(self, data: bytes, unknown: str = "error") -> np.ndarray:
+        """Ids (as `id_dtype`) of a piece of a corpus given as UTF-8 bytes that ends at a line boundary."""
+        if unknown not in UNKNOWN_MODES:
+            raise ConfigError(f"unknown must be one of {', '.join(UNKNOWN_MODES)}, got {unknown!r}")
+        if self.kind == "char":
+            return self._encode_chars(data, unknown, self.id_dtype)
+        text = data.decode("utf-8", errors="replace")
+        return self._encode_with_backend(text, unknown).astype(self.id_dtype) if text else \
+            np.zeros(0, dtype=self.id_dtype)
+
+    def decoded_length(self, ids: np.ndarray) -> int:
+        """len(self.decode(ids)), decoding at most about a million tokens at a time: each block ends
+        where decoding restarts cleanly (after <eos> for words, before a character's first byte for BPE)."""
+        total, start = 0, 0
+        while start < len(ids):
+            end = min(start + DECODE_BLOCK_TOKENS, len(ids))
+            if end < len(ids) and self.kind != "char":
+                clean = self._clean_restart[np.asarray(ids[end:], dtype=np.int64)]
+                end = end + int(np.argmax(clean)) + (self.kind == "word") if clean.any() else len(ids)
+            total += len(self.decode(ids[start:end]))
+            start = end
+        return total
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
@@ -122,32 +196,34 @@ class Tokenizer:
         return bool(self._boundary[token_id])
 
     def _init_char_table(self) -> None:
-        chars = [(ord(token), token_id) for token_id, token in enumerate(self._tokens) if token_id != self.unk_id]
-        chars.sort()
-        self._char_codepoints = np.array([cp for cp, _ in chars], dtype=np.uint32)
-        self._char_ids = np.array([token_id for _, token_id in chars], dtype=np.int32)
+        """table[code point] = token id, -1 for characters outside the vocabulary."""
+        chars = {ord(token): token_id for token_id, token in enumerate(self._tokens) if token_id != self.unk_id}
+        self._char_table = np.full(max(chars, default=0) + 1, -1, dtype=np.int32)
+        self._char_table[list(chars)] = list(chars.values())
 
-    def _encode_chars(self, text: str, unknown: str) -> np.ndarray:
-        ids = np.empty(len(text), dtype=np.int32)
-        for start in range(0, len(text), CHAR_ENCODE_BLOCK):
-            block = text[start:start + CHAR_ENCODE_BLOCK]
-            codepoints = np.frombuffer(block.encode("utf-32-le"), dtype="<u4")
-            slots = np.searchsorted(self._char_codepoints, codepoints)
-            np.minimum(slots, len(self._char_codepoints) - 1, out=slots)
-            known = self._char_codepoints[slots] == codepoints
-            if unknown == "error" and not known.all():
-                unseen = [chr(cp) for cp in np.unique(codepoints[~known])]
-                raise TokenizerError(_unknown_message("characters", unseen))
-            ids[start:start + len(block)] = np.where(known, self._char_ids[slots], self.unk_id)
-        return ids
+    def _encode_chars(self, data: bytes, unknown: str, dtype) -> np.ndarray:
+        """Ids of UTF-8 `data`; invalid bytes (a corpus read with errors="replace") are U+FFFD."""
+        out = np.empty(len(data), dtype=dtype)
+        written, first_unknown, invalid = utf8.map_code_points(
+            np.frombuffer(data, dtype=np.uint8), self._char_table, self.unk_id, out)
+        if invalid >= 0:
+            return self._encode_chars(data.decode("utf-8", errors="replace").encode("utf-8"), unknown, dtype)
+        if unknown == "error" and first_unknown >= 0:
+            text = data.decode("utf-8")
+            unseen = sorted({char for char in text if ord(char) >= len(self._char_table)
+                             or self._char_table[ord(char)] < 0})
+            raise TokenizerError(_unknown_message("characters", unseen))
+        return out[:written]
 
     def _encode_with_backend(self, text: str, unknown: str) -> np.ndarray:
         pieces = []
+        check = unknown == "error" and self.unk_id is not None
+        encode_batch = self._backend.encode_batch if check else self._backend.encode_batch_fast  # offsets cost
         chunks = _chunks(text, ENCODE_CHUNK_CHARS)
         while batch := list(itertools.islice(chunks, CHUNKS_PER_BATCH)):
-            for chunk, encoding in zip(batch, self._backend.encode_batch(batch, add_special_tokens=False)):
+            for chunk, encoding in zip(batch, encode_batch(batch, add_special_tokens=False)):
                 ids = np.asarray(encoding.ids, dtype=np.int32)
-                if unknown == "error" and self.unk_id is not None:
+                if check:
                     self._check_unknown_words(chunk, ids, encoding.offsets)
                 pieces.append(ids)
         return np.concatenate(pieces)
@@ -157,6 +233,14 @@ class Tokenizer:
         unseen = {chunk[slice(*offsets[i])] for i in np.flatnonzero(ids == self.unk_id)} - {UNK}
         if unseen:
             raise TokenizerError(_unknown_message("words", sorted(unseen)))
+
+    def _decoding_restarts_at(self, token_id: int) -> bool:
+        """Decoding from this token on gives the same text as decoding it after what came before."""
+        if self.kind == "word":
+            return token_id == self.eos_id  # (for the token after it: see decoded_length)
+        if self.kind == "bpe":
+            return (self._token_bytes[token_id][:1] or b"\0")[0] & 0xC0 != 0x80
+        return True
 
     def _token_is_boundary(self, token_id: int) -> bool:
         if token_id == self.unk_id:
@@ -196,16 +280,13 @@ class TokenStreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _char_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
-    codepoints = np.concatenate([
-        np.frombuffer(text[start:start + CHAR_ENCODE_BLOCK].encode("utf-32-le"), dtype="<u4")
-        for start in range(0, len(text), CHAR_ENCODE_BLOCK)
-    ])
-    unique, counts = np.unique(codepoints, return_counts=True)
+def _char_backend(counts: np.ndarray, vocab_size: int | None) -> tokenizers.Tokenizer:
+    """<unk>, then the characters seen in code point order (the most frequent when capped)."""
+    unique = np.flatnonzero(counts)
     if vocab_size is not None:
         if vocab_size < 2:
             raise ConfigError(f"char vocab_size must be at least 2 (<unk> and one character), got {vocab_size}")
-        keep = np.argsort(-counts, kind="stable")[:vocab_size - 1]
+        keep = np.argsort(-counts[unique], kind="stable")[:vocab_size - 1]
         unique = np.sort(unique[keep])
     vocab = {UNK: 0} | {chr(cp): token_id for token_id, cp in enumerate(unique.tolist(), start=1)}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -214,7 +295,7 @@ def _char_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
     return backend
 
 
-def _word_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
+def _word_backend(chunks: Iterator[str], vocab_size: int | None) -> tokenizers.Tokenizer:
     """<unk> and <eos> first, then words by falling frequency; <unk> counts once even when the text
     already uses it (PTB does), so PTB's train split gives exactly 10,000 tokens."""
     specials = [UNK, EOS]
@@ -223,7 +304,7 @@ def _word_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
     backend = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
     _set_word_pipeline(backend)
     trainer = trainers.WordLevelTrainer(vocab_size=2**31 - 1, min_frequency=0, show_progress=False)
-    backend.train_from_iterator(_chunks(text, ENCODE_CHUNK_CHARS), trainer=trainer)
+    backend.train_from_iterator(chunks, trainer=trainer)
     by_frequency = sorted(backend.get_vocab().items(), key=lambda item: item[1])
     words = [word for word, _ in by_frequency if word not in specials]
     if vocab_size is not None:
@@ -239,7 +320,7 @@ def _set_word_pipeline(backend: tokenizers.Tokenizer) -> None:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 
 
-def _bpe_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
+def _bpe_backend(chunks: Iterator[str], vocab_size: int | None) -> tokenizers.Tokenizer:
     vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
     if vocab_size < BYTE_ALPHABET_SIZE:
         raise ConfigError(f"bpe vocab_size must be at least {BYTE_ALPHABET_SIZE} (the byte alphabet), got {vocab_size}")
@@ -249,7 +330,7 @@ def _bpe_backend(text: str, vocab_size: int | None) -> tokenizers.Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    backend.train_from_iterator(_chunks(text, ENCODE_CHUNK_CHARS), trainer=trainer)
+    backend.train_from_iterator(chunks, trainer=trainer)
     return backend
 
 

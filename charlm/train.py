@@ -13,6 +13,7 @@ processes compute what one would. Rank 0 alone writes the run folder and the log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,9 +35,10 @@ from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
 from charlm.distributed import SingleProcess, world
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
-from charlm.evaluate import evaluate_ids, predicted_chars
+from charlm.evaluate import evaluate_ids, evaluate_rows, predicted_chars, validation_sample
 from charlm.model import LSTMLanguageModel
 from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
+from charlm.runlock import LOCK_FILE, RunLock
 from charlm.runtime import ensure_threads_limited, limit_threads, thread_count
 from charlm.tokenize import Tokenizer, train_tokenizer
 
@@ -102,20 +104,17 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, ver
         print("warning: start data-parallel runs as `mpiexec ... python -m mpi4py -m charlm train ...`, so that "
               "an error in one process ends all of them instead of leaving the others waiting", file=sys.stderr)
     out = Path(config.out)
-    # Every process reads the checkpoint to resume (a shared file system, as for the corpus); rank 0 changes
-    # the folder only once all have looked.
-    checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
-    run = _Run(config, out, checkpoint, verbose, processes)
-    processes.barrier()
-    if processes.rank == 0:
-        if force:
+    # Rank 0 alone writes the run folder, and holds its lock for the whole run. Every process reads the
+    # checkpoint to resume (a shared file system, as for the corpus); rank 0 changes the folder only once
+    # all have looked.
+    with RunLock(out) if processes.rank == 0 else contextlib.nullcontext():
+        checkpoint = _checkpoint_to_resume(out, resume=resume, force=force, verbose=verbose)
+        run = _Run(config, out, checkpoint, verbose, processes)
+        processes.barrier()
+        if processes.rank == 0 and force:
             _remove_run_files(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    with _StopOnSignal(verbose) as stop:
-        return run.loop(stop)
+        with _StopOnSignal(verbose) as stop:
+            return run.loop(stop)
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -136,7 +135,7 @@ def _checkpoint_to_resume(out: Path, *, resume: bool, force: bool, verbose: bool
         return None
     if _run_files(out):
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(path.name != LOCK_FILE for path in out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force")
     return None
 
@@ -258,8 +257,7 @@ class _Run:
         # Rank 0 trains the tokenizer and fills the ids cache first; the other processes then take its
         # tokenizer, and its ids from the cache where they share it (the same machine or file system).
         if processes.rank == 0:
-            self.tokenizer = checkpoint.tokenizer if checkpoint is not None else train_tokenizer(
-                config.tokenizer, splits.train, config.vocab_size)
+            self.tokenizer = checkpoint.tokenizer if checkpoint is not None else self._train_tokenizer(splits)
             train_ids = self._encode(splits)
         self.tokenizer_json = processes.broadcast_json(self.tokenizer.to_json() if processes.rank == 0 else None)
         if processes.rank != 0:
@@ -267,7 +265,10 @@ class _Run:
             train_ids = self._encode(splits)
         if len(self.valid_ids) < 2:
             raise CorpusError(f"validation split of {config.corpus!r} is too short ({len(self.valid_ids)} tokens)")
-        self.valid_chars = predicted_chars(self.tokenizer, self.valid_ids)
+        # A big validation split is scored on a fixed sample (the same windows every time), a small one whole.
+        self.valid_sample = validation_sample(self.valid_ids, config.eval_tokens, seed=config.seed)
+        scored = [self.valid_ids] if self.valid_sample is None else self.valid_sample
+        self.valid_chars = sum(predicted_chars(self.tokenizer, ids) for ids in scored)
         self.stream = BatchStream(train_ids, config.batch_size, config.seq_len,
                                   random_length=config.random_length, sampling=config.window_sampling,
                                   seed=config.seed, rows=self.rows)
@@ -309,13 +310,22 @@ class _Run:
             self.time_budget_s = DEFAULT_TIME_BUDGET_MINUTES * 60.0
         self.flops_per_token = training_flops_per_token(self.model_config)
 
+    def _train_tokenizer(self, splits) -> Tokenizer:
+        config = self.config
+        sample_bytes = int(config.bpe_sample_mb * 1e6)
+        if self.verbose and config.tokenizer == "bpe" and splits.train.size > sample_bytes:
+            print(f"bpe: learning merges from a {config.bpe_sample_mb:g} MB sample (evenly spaced 1 MB blocks) "
+                  f"of the {splits.train.size / 1e6:,.0f} MB training split (--bpe-sample-mb)", file=sys.stderr)
+        return train_tokenizer(config.tokenizer, splits.train, config.vocab_size, bpe_sample_bytes=sample_bytes)
+
     def _encode(self, splits) -> np.ndarray:
         """The training ids (returned) and validation ids (self.valid_ids) under self.tokenizer, from the cache."""
         # "replace": a capped vocabulary leaves rare training words out, and validation text may hold
         # characters never seen in training; both count as <unk> rather than stopping the run.
-        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace")
+        train_ids = encode_cached(self.tokenizer, splits.train, key=splits.cache_key("train"), unknown="replace",
+                                  verbose=self.verbose)
         self.valid_ids = encode_cached(self.tokenizer, splits.valid, key=splits.cache_key("valid"),
-                                       unknown="replace")
+                                       unknown="replace", verbose=self.verbose)
         return train_ids
 
     def _zero_state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -517,8 +527,12 @@ class _Run:
         return record
 
     def _validate(self, progress: _Progress) -> None:
-        """Full validation split, state carried across windows, no dropout; saves best/ on improvement."""
-        result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars, world=self.processes)
+        """The validation split (whole, state carried across windows, or its fixed sample), no dropout;
+        saves best/ on improvement."""
+        if self.valid_sample is None:
+            result = evaluate_ids(self.eval_model, self.valid_ids, chars=self.valid_chars, world=self.processes)
+        else:
+            result = evaluate_rows(self.eval_model, self.valid_sample, chars=self.valid_chars, world=self.processes)
         finite = math.isfinite(result.loss)
         self.last_val_loss = result.loss if finite else None
         improved = finite and (self.best_val_loss is None or result.loss < self.best_val_loss)
@@ -529,7 +543,7 @@ class _Run:
         self.metrics.write({
             "event": "val", "step": self.step, "epoch": self.stream.current_epoch,
             "loss": result.loss, "perplexity": result.perplexity, "bits_per_char": result.bits_per_char,
-            "best": improved, "elapsed": round(self.elapsed(), 3),
+            "tokens": result.tokens, "best": improved, "elapsed": round(self.elapsed(), 3),
         })
         if improved and self.processes.rank == 0:
             self._save(self.out / "best")
@@ -569,6 +583,11 @@ class _Run:
               f"{c.tokenizer} vocab {self.tokenizer.vocab_size}), {self.stream.windows_per_epoch} steps/epoch of "
               f"{c.batch_size}x{c.seq_len} tokens{self._processes_note()}, "
               f"stop at {' or '.join(x for x in limits if x)}; writing {self.out}", file=sys.stderr)
+        if self.valid_sample is not None:
+            rows, length = self.valid_sample.shape
+            print(f"validating every {c.eval_every} steps on a fixed sample of {rows * (length - 1):,} of the "
+                  f"{len(self.valid_ids) - 1:,} validation tokens ({rows} streams of {length - 1:,}, seed {c.seed}; "
+                  "--eval-tokens); charlm eval scores the whole split", file=sys.stderr)
 
     def _processes_note(self) -> str:
         if self.processes.size == 1:

@@ -6,6 +6,7 @@ the product checks."""
 
 import json
 import sys
+from dataclasses import asdict
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def generation_mismatches() -> int:
 
 if __name__ == "__main__":
     charlm.runtime.limit_threads(1)
-    report = {"target": target.describe(), "tile": gemm.default_tile().__dict__,
+    report = {"target": target.describe(), "tile": asdict(gemm.default_tile()),
               "float32_product_error": product_errors(np.float32),
               "float64_product_error": product_errors(np.float64)}
     if sys.argv[1:] != ["--products-only"]:

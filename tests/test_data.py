@@ -13,13 +13,13 @@ TEXT = "the quick brown fox jumps over the lazy dog\n" * 50
 
 # --- encode_cached ------------------------------------------------------------------------------
 
-def test_encoded_ids_are_cached_memory_mapped_uint16(monkeypatch):
+def test_encoded_ids_are_cached_memory_mapped_in_the_smallest_dtype(monkeypatch):
     tok = train_tokenizer("char", TEXT)
     ids = encode_cached(tok, TEXT)
-    assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
+    assert isinstance(ids, np.memmap) and ids.dtype == np.uint8 and not ids.flags.writeable
     assert ids.tolist() == tok.encode(TEXT).tolist()
-    cached = list((cache_dir() / "ids").glob("*.npy"))
-    assert len(cached) == 1
+    (cached,) = (cache_dir() / "ids").glob("*.bin")
+    assert json.loads(cached.with_suffix(".json").read_text()) == {"dtype": "uint8", "tokens": len(TEXT)}
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached text must not be encoded again")
@@ -35,14 +35,16 @@ def test_cache_key_includes_the_tokenizer_and_the_given_key():
     assert len(encode_cached(word, TEXT)) == len(TEXT.split()) + TEXT.count("\n")
     encode_cached(char, TEXT, key="corpus-a:train")
     encode_cached(char, TEXT, key="corpus-b:train")
-    assert len(list((cache_dir() / "ids").glob("*.npy"))) == 4
+    assert len(list((cache_dir() / "ids").glob("*.bin"))) == 4
 
 
 def test_a_damaged_cache_file_is_rebuilt():
     tok = train_tokenizer("char", TEXT)
     encode_cached(tok, TEXT)
-    (path,) = (cache_dir() / "ids").glob("*.npy")
-    path.write_bytes(b"\x93NUMPY garbage")
+    (path,) = (cache_dir() / "ids").glob("*.bin")
+    path.write_bytes(b"truncated")
+    assert encode_cached(tok, TEXT).tolist() == tok.encode(TEXT).tolist()
+    path.with_suffix(".json").write_text("{not json")
     assert encode_cached(tok, TEXT).tolist() == tok.encode(TEXT).tolist()
 
 
@@ -179,6 +181,7 @@ def test_stream_over_cached_ids_of_a_real_split(tmp_path):
     ids = encode_cached(tok, splits.train, key=splits.cache_key("train"))
     inputs, targets, _ = BatchStream(ids, batch_size=2, seq_len=8).next_window()
     half = len(ids) // 2
-    assert tok.decode(inputs[:, 0]) == splits.train[:8]
-    assert tok.decode(targets[:, 1]) == splits.train[half + 1:half + 9]
-    assert not any(p.suffix == ".npy" for p in tmp_path.iterdir())
+    train = splits.train.read_text()
+    assert tok.decode(inputs[:, 0]) == train[:8]
+    assert tok.decode(targets[:, 1]) == train[half + 1:half + 9]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]  # the cache is elsewhere

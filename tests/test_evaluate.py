@@ -5,7 +5,7 @@ import pytest
 
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError, CorpusError
-from charlm.evaluate import evaluate, evaluate_ids, predicted_chars
+from charlm.evaluate import evaluate, evaluate_ids, evaluate_rows, predicted_chars, validation_sample
 from charlm.model import LSTMLanguageModel
 from charlm.tokenize import train_tokenizer
 
@@ -107,3 +107,27 @@ def test_rejects_too_short_text_and_bad_shapes(char_model, char_tokenizer):
         evaluate(char_model, char_tokenizer, "")
     with pytest.raises(ConfigError):
         evaluate_ids(char_model, np.arange(5), chars=4, batch_size=0)
+
+
+# --- validation sample --------------------------------------------------------------------------
+
+def test_validation_sample_is_fixed_by_split_and_seed_and_spread_over_the_split():
+    ids = np.arange(100_000)
+    sample = validation_sample(ids, 1600, seed=5, rows=16)
+    assert sample.shape == (16, 101) and sample.dtype == np.int32
+    assert np.array_equal(sample, validation_sample(ids, 1600, seed=5, rows=16))  # every evaluation alike
+    assert not np.array_equal(sample, validation_sample(ids, 1600, seed=6, rows=16))
+    part = len(ids) // 16
+    for row, values in enumerate(sample):  # one contiguous piece from each sixteenth of the split
+        start = int(values[0])
+        assert row * part <= start <= (row + 1) * part - 101 and np.array_equal(values, ids[start:start + 101])
+    assert validation_sample(ids, len(ids) - 1, seed=5) is None  # small enough: scored whole
+    assert validation_sample(ids, 0, seed=5) is None  # 0: always whole
+
+
+def test_evaluate_rows_scores_each_row_as_its_own_stream(char_model, char_tokenizer):
+    ids = char_tokenizer.encode(TEXT)
+    rows = np.stack([ids[:40], ids[60:100], ids[120:160]])
+    result = evaluate_rows(char_model, rows, chars=117, seq_len=9)
+    expected = sum(stream_nats(char_model, row) for row in rows) / (3 * 39)
+    assert result.loss == pytest.approx(expected, rel=1e-9) and result.tokens == 3 * 39 and result.chars == 117

@@ -4,6 +4,7 @@ what 1 does, a run stopped on 2 resumes on 1, SIGINT saves once, and a killed pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -18,6 +19,8 @@ import pytest
 import safetensors.numpy
 
 from charlm.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, load_checkpoint
+from charlm.config import ModelConfig
+from charlm.model import param_shapes
 from charlm.train import METRICS_FILE, TrainConfig, train
 
 pytest.importorskip("mpi4py", reason="data-parallel training needs mpi4py: pip install 'charlm[mpi]'")
@@ -184,3 +187,21 @@ def test_a_killed_process_ends_the_job_and_the_last_checkpoint_resumes_exactly(w
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {killed_at}" in resumed.stderr
     assert_same_run(out, reference)
+
+
+def test_the_benchmark_runs_and_reports_every_part_of_a_step(tmp_path):
+    """bench_mpi.py on a micro model, so the benchmark cannot rot."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mpi.py"
+    out = tmp_path / "mpi.json"
+    done = subprocess.run([sys.executable, str(script), "--configs", "V65-E16-H32-L2-T16-B4", "--rounds", "1",
+                           "--steps", "2", "--warmup", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=WAIT_SECONDS)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(out.read_text())["records"]
+    assert [r["processes"] for r in records] == [1, 2]
+    parameters = sum(math.prod(shape) for shape in param_shapes(
+        ModelConfig(vocab_size=65, embed_dim=16, hidden_size=32, num_layers=2)).values())
+    for record in records:
+        assert record["tokens_per_s"] > 0 and record["step_ms"] >= record["compute_ms"] > 0
+        assert record["gradient_bytes"] == 4 * parameters  # one float32 buffer, every parameter once
+    assert records[1]["allreduce_ms"] > 0

@@ -112,6 +112,20 @@ def test_echo_scores_a_text_as_charlm_eval_does(client, library):
     assert -np.sum(scores) == pytest.approx(expected.loss * expected.tokens, abs=1e-6 * expected.tokens)
 
 
+def test_echo_scores_a_short_prompt_read_inside_the_batch_the_same_way(client, library):
+    """Short prompts are fed one token a step inside the batched steps, long ones in windows of their own."""
+    from charlm.engine import PROMPT_TOKENS_IN_BATCH
+
+    model, tokenizer = library
+    text = "\nI like deep water."
+    assert len(text) <= PROMPT_TOKENS_IN_BATCH
+    reply = client.completions.create(model="love", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    scores = reply.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and len(scores) == len(text)
+    expected = evaluate(model, tokenizer, text, batch_size=1)
+    assert -np.mean(scores[1:]) == pytest.approx(expected.loss, abs=1e-6)
+
+
 def test_echo_with_generation_returns_prompt_then_continuation(client):
     reply = client.completions.create(model="love", prompt="I love", max_tokens=10, temperature=0, echo=True)
     plain = client.completions.create(model="love", prompt="I love", max_tokens=10, temperature=0)
@@ -144,6 +158,12 @@ def test_bad_requests_get_400_in_openai_s_shape(server, body, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_more_choices_than_the_server_holds_is_a_bad_request(server):
+    body = {"prompt": ["I love"] * 16, "n": 16, "max_tokens": 1}  # 256 completions, the server holds 128
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
 def test_the_client_sees_errors_as_its_own_exceptions(client):

@@ -7,8 +7,10 @@ import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import charlm.corpus as corpus_module
 import charlm.tokenize as tokenize_module
-from charlm.corpus import resolve_corpus
+from charlm.corpus import TextSpan, resolve_corpus
+from charlm.data import encode_cached
 from charlm.errors import ConfigError, TokenizerError
 from charlm.tokenize import UNK, Tokenizer, train_tokenizer
 
@@ -66,12 +68,6 @@ def test_char_vocab_size_keeps_the_most_frequent_characters():
     tok = train_tokenizer("char", "aaaa bbb cc d", vocab_size=4)
     assert tok.vocab_size == 4
     assert tok.encode("abcd", unknown="replace").tolist() == [2, 3, tok.unk_id, tok.unk_id]
-
-
-def test_char_encodes_in_blocks_without_losing_characters(monkeypatch):
-    monkeypatch.setattr(tokenize_module, "CHAR_ENCODE_BLOCK", 7)
-    tok = train_tokenizer("char", SAMPLE)
-    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
 
 
 # --- bpe ----------------------------------------------------------------------------------------
@@ -234,7 +230,7 @@ def test_ptb_word_tokenizer_matches_the_published_setup(corpora_dir):
     ptb = resolve_corpus("ptb")
     tok = train_tokenizer("word", ptb.train)
     assert tok.vocab_size == 10_000
-    assert [len(tok.encode(text)) for text in (ptb.train, ptb.valid, ptb.test)] == [929_589, 73_760, 82_430]
+    assert [len(encode_cached(tok, span)) for span in (ptb.train, ptb.valid, ptb.test)] == [929_589, 73_760, 82_430]
 
 
 def test_wikitext2_word_tokenizer_matches_the_published_setup(corpora_dir):
@@ -242,7 +238,7 @@ def test_wikitext2_word_tokenizer_matches_the_published_setup(corpora_dir):
     tok = train_tokenizer("word", wiki.train)
     assert tok.vocab_size == 33_278
     # encoding valid/test without unknowns proves the combined vocabulary is the train one
-    assert [len(tok.encode(text)) for text in (wiki.train, wiki.valid, wiki.test)] == [
+    assert [len(encode_cached(tok, span)) for span in (wiki.train, wiki.valid, wiki.test)] == [
         2_088_628, 217_646, 245_569]
 
 
@@ -250,8 +246,40 @@ def test_ptb_char_fast_path_matches_library_on_real_text(corpora_dir):
     ptb_char = resolve_corpus("ptb_char")
     tok = train_tokenizer("char", ptb_char.train)
     assert tok.vocab_size == 52  # 51 distinct characters and <unk>
-    sample = ptb_char.valid[:200_000]
+    sample = ptb_char.valid.read_text()[:200_000]
     assert tok.encode(sample).tolist() == library_ids(tok, sample)
+
+
+@pytest.mark.parametrize("corpus, kind", [("tinyshakespeare", "char"), ("tinyshakespeare", "bpe"),
+                                          ("ptb", "char"), ("ptb", "word"), ("ptb", "bpe"), ("enwik8_small", "char")])
+def test_streamed_training_and_encoding_equal_whole_text_ones(corpora_dir, monkeypatch, corpus, kind):
+    """A tokenizer trained on a split read as a stream is the one trained on its whole text, and ids encoded
+    chunk by chunk (small chunks: many cuts) are the library's ids for the whole text at once."""
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 1 << 12)
+    valid = resolve_corpus(corpus).valid
+    text = valid.read_text()[:200_000]
+    span = TextSpan(valid.path, valid.start, valid.start + len(text.encode()))
+    assert len(span.byte_ranges()) > 10
+    vocab_size = 300 if kind == "bpe" else None
+    streamed = train_tokenizer(kind, span, vocab_size)
+    assert streamed.to_json() == train_tokenizer(kind, text, vocab_size).to_json()
+    ids = encode_cached(streamed, span)
+    assert ids.dtype == streamed.id_dtype
+    assert ids.tolist() == library_ids(streamed, text)
+
+
+def test_id_dtype_is_the_smallest_that_holds_the_vocabulary():
+    assert train_tokenizer("char", "abc").id_dtype == np.uint8
+    assert train_tokenizer("char", "".join(chr(0x100 + i) for i in range(255))).id_dtype == np.uint8  # 256 ids
+    assert train_tokenizer("char", "".join(chr(0x100 + i) for i in range(256))).id_dtype == np.uint16
+    assert train_tokenizer("bpe", SAMPLE, 300).id_dtype == np.uint16
+
+
+def test_decoded_length_counts_block_by_block(monkeypatch, any_tokenizer):
+    text = SAMPLE * 40 + "naïve 😀\n" * 40
+    ids = any_tokenizer.encode(text, unknown="replace")
+    monkeypatch.setattr(tokenize_module, "DECODE_BLOCK_TOKENS", 7)
+    assert any_tokenizer.decoded_length(ids) == len(any_tokenizer.decode(ids))
 
 
 def test_lone_surrogates_are_a_tokenizer_error_not_a_crash(any_tokenizer):

@@ -256,3 +256,15 @@ def test_a_non_finite_validation_loss_is_logged_as_null_and_never_best(corpus, t
     assert result.best_val_loss is None and not (out / "best").exists()
     val = [m for m in stable_metrics(out) if m["event"] == "val"]
     assert [m["loss"] for m in val] == [None, None] and not any(m["best"] for m in val)
+
+
+def test_validation_on_a_fixed_sample_of_a_large_split(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, eval_tokens=320, max_steps=16, eval_every=4), verbose=True)
+    val = [m for m in stable_metrics(out) if m["event"] == "val"]
+    assert len(val) == 4 and {m["tokens"] for m in val} == {320}  # 16 streams of 20 predictions, every time
+    assert "fixed sample of 320 of the" in capsys.readouterr().err
+    whole = tmp_path / "whole"
+    train(tiny_config(corpus, whole, eval_tokens=0, max_steps=16, eval_every=4), verbose=False)
+    assert [m["tokens"] for m in stable_metrics(whole) if m["event"] == "val"][0] > 320
+    assert load_checkpoint(out / "last").params.keys() == load_checkpoint(whole / "last").params.keys()
