@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from charlm.config import ModelConfig
+from charlm.config import EARLIER_DEFAULTS, ModelConfig
 from charlm.errors import CharlmError, CheckpointError
 from charlm.model import LSTMLanguageModel, param_shapes
 from charlm.tokenize import Tokenizer
@@ -166,7 +166,8 @@ def saved_train_config(run: str | os.PathLike) -> dict | None:
     train_config = load_checkpoint(last).train_config
     if train_config is None:
         raise _checkpoint_error(f"{last} records no training options to resume with; start a new run with --force")
-    return train_config
+    # An option added after the checkpoint was written: the run used the default of its day.
+    return {**EARLIER_DEFAULTS, **train_config}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

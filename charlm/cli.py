@@ -16,8 +16,8 @@ import sys
 import click
 
 from charlm.checkpoint import load_checkpoint, load_model, resolve_checkpoint, saved_train_config
-from charlm.config import (DEFAULT_TIME_BUDGET_MINUTES, DTYPES, FIELD_OF_FLAG, load_recipe, merge_train_config,
-                           option_default)
+from charlm.config import (DEFAULT_TIME_BUDGET_MINUTES, DEFAULT_WARMUP_SHARE, DTYPES, FIELD_OF_FLAG, load_recipe,
+                           merge_train_config, option_default)
 from charlm.corpus import DEFAULT_VALID_FRACTION, ERROR_MODES, SPLITS, resolve_corpus
 from charlm.data import SAMPLINGS
 from charlm.errors import CharlmError, ConfigError, CorpusError
@@ -109,7 +109,8 @@ def cli() -> None:
 @click.option("--ema-decay", type=float,
               help="Validate and save an exponential moving average of the weights with this decay (e.g. 0.995), "
                    f"0 = off [default: {option_default('ema_decay'):g}].")
-@click.option("--warmup", type=int, help=f"Linear warm-up steps [default: {option_default('warmup_steps')}].")
+@click.option("--warmup", type=int,
+              help=f"Linear warm-up steps [default: {DEFAULT_WARMUP_SHARE:.0%} of the run's steps or time budget].")
 @click.option("--schedule", type=click.Choice(SCHEDULES),
               help=f"Decay after warm-up [default: {option_default('schedule')}].")
 @click.option("--epochs", type=int, help="Stop after this many passes over the training split.")

@@ -25,6 +25,12 @@ from charlm.tokenize import KINDS
 
 DTYPES = ("float32", "float64")
 DEFAULT_TIME_BUDGET_MINUTES = 30.0
+# Without warmup_steps, the learning rate warms up over this share of the run (of its steps or its time budget).
+DEFAULT_WARMUP_SHARE = 0.02
+# The defaults before the general recipe became the defaults. A checkpoint saved before one of these settings
+# existed ran with the value here, so resuming it must not pick up today's default.
+EARLIER_DEFAULTS = {"locked_dropout": True, "weight_drop": 0.0, "seq_len": 128, "random_length": False,
+                    "weight_decay": 0.01, "ema_decay": 0.0, "warmup_steps": 100, "min_lr_ratio": 0.1}
 # The stop conditions: a layer of options naming any of them replaces all of them (see merge_options).
 STOP_KEYS = ("epochs", "max_steps", "time_budget")
 # Fields whose command-line flag is not simply the field name with dashes.
@@ -71,8 +77,8 @@ class Architecture:
     hidden_size: int = 512
     num_layers: int = 2
     dropout: float = 0.2
-    locked_dropout: bool = True
-    weight_drop: float = 0.0
+    locked_dropout: bool = False
+    weight_drop: float = 0.2
     tie_weights: bool = False
     dtype: str = "float32"
 
@@ -127,10 +133,13 @@ class TrainConfig:
     The run stops at the first of `epochs`, `max_steps` and `time_budget` (minutes) that is reached;
     with none of them it stops after DEFAULT_TIME_BUDGET_MINUTES. The cosine schedule decays over the
     step count when there is one, else over the time budget. `ema_decay` > 0 validates and saves an
-    exponential moving average of the weights (0 = the weights themselves). `vocab_size` caps a char or
-    word vocabulary and sizes a BPE one (None: every character or word seen; BPE's default size); BPE
-    learns its merges from an evenly spaced sample of `bpe_sample_mb` of a larger training split.
-    Validation scores a fixed sample of about `eval_tokens` tokens of a larger validation split (0: all).
+    exponential moving average of the weights (0 = the weights themselves). `warmup_steps` None warms up
+    over DEFAULT_WARMUP_SHARE of the run. `vocab_size` caps a char or word vocabulary and sizes a BPE one
+    (None: every character or word seen; BPE's default size); BPE learns its merges from an evenly spaced
+    sample of `bpe_sample_mb` of a larger training split. Validation scores a fixed sample of about
+    `eval_tokens` tokens of a larger validation split (0: all). The defaults (with Architecture's) are the
+    general recipe, compared with a plain PyTorch LSTM on text no setting was tuned on by
+    benchmarks/compare_defaults.py.
     Errors name the options as `charlm train` spells them (`--layers`, not num_layers).
     """
 
@@ -142,27 +151,27 @@ class TrainConfig:
     encoding_errors: str = "strict"
     valid_fraction: float | None = None
     model: Architecture = field(default_factory=Architecture)
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 32
-    random_length: bool = False
+    random_length: bool = True
     window_sampling: str = "streams"
     lr: float = 2e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.999
     clip: float = 1.0
-    ema_decay: float = 0.0
-    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    warmup_steps: int | None = None
     schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.2
     plateau_factor: float = 0.5
     plateau_patience: int = 2
     epochs: int | None = None
     max_steps: int | None = None
     time_budget: float | None = None
-    eval_every: int = 200
+    eval_every: int = 2000
     eval_tokens: int = 1_000_000
-    checkpoint_every: int = 100
+    checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
 
@@ -181,7 +190,9 @@ class TrainConfig:
         for name in ("vocab_size", "epochs", "max_steps"):
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "seed", "eval_tokens"):
+        if self.warmup_steps is not None:
+            require_int("warmup_steps", self.warmup_steps, minimum=0)
+        for name in ("seed", "eval_tokens"):
             require_int(name, getattr(self, name), minimum=0)
         _require_bool("random_length", self.random_length)
         ranges = {
@@ -231,9 +242,14 @@ OPTION_NAMES = tuple(name for f in dataclasses.fields(TrainConfig)
 
 
 def option_default(name: str):
-    """The default of a training option (for help texts, and for settings older checkpoints lack)."""
+    """The default of a training option (for help texts)."""
     owner = Architecture if name in ARCHITECTURE_FIELDS else TrainConfig
     return owner.__dataclass_fields__[name].default
+
+
+def earlier_default(name: str):
+    """The value a checkpoint that lacks option `name` ran with: the default of its day."""
+    return EARLIER_DEFAULTS.get(name, option_default(name))
 
 
 def flag(name: str) -> str:

@@ -130,15 +130,25 @@ def learning_rate(
     schedule: str = "cosine",
     min_lr_ratio: float = 0.1,
     progress: float | None = None,
+    warmup_share: float = 0.0,
 ) -> float:
     """The rate for update number `step` (0-based): linear warm-up, then the schedule's decay.
 
-    "cosine" falls from `base_lr` to `min_lr_ratio * base_lr` over the steps after warm-up, or over
-    `progress` (a 0..1 fraction, e.g. of a time budget) when the run's length is not a step count.
-    "constant" and "plateau" stay at `base_lr`; plateau decay is applied by `PlateauDecay` on top.
+    Warm-up lasts `warmup_steps` steps or, when `warmup_share` > 0, that share of the run: of `total_steps`,
+    or of `progress` when the run's length is a time budget, so a short run does not spend a fifth of
+    itself warming up. "cosine" falls from `base_lr` to `min_lr_ratio * base_lr` over the steps after
+    warm-up, or over `progress` (a 0..1 fraction, e.g. of a time budget) when the run's length is not a
+    step count. "constant" and "plateau" stay at `base_lr`; plateau decay is applied by `PlateauDecay` on top.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if warmup_share > 0.0:
+        if progress is None:
+            if total_steps is None:
+                raise ConfigError("a warm-up share needs a total step count or a progress fraction")
+            warmup_steps = round(warmup_share * total_steps)
+        elif progress < warmup_share:
+            return base_lr * max(progress, 0.0) / warmup_share
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule != "cosine":

@@ -29,8 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, ModelConfig, TrainConfig, flag,
-                           option_default)
+from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, DEFAULT_WARMUP_SHARE, ModelConfig,
+                           TrainConfig, earlier_default, flag)
 from charlm.corpus import resolve_corpus
 from charlm.data import BatchStream, encode_cached
 from charlm.distributed import SingleProcess, world
@@ -153,7 +153,7 @@ def _check_resume_matches(config: TrainConfig, saved: dict | None) -> None:
     if saved is None:
         raise ConfigError("the checkpoint to resume has no training config; start a new run with --force")
     # A setting missing from an older checkpoint had its default then (say ema_decay: no average).
-    before = {name: saved.get(name, option_default(name)) for name in FROZEN_ON_RESUME}
+    before = {name: saved.get(name, earlier_default(name)) for name in FROZEN_ON_RESUME}
     now = config.to_dict()
     changed = [name for name in FROZEN_ON_RESUME if before[name] != now[name]]
     if changed:
@@ -493,9 +493,11 @@ class _Run:
         progress = None
         if self.total_steps is None:
             progress = self.clock / self.time_budget_s
-        rate = learning_rate(self.step, base_lr=self.config.lr, warmup_steps=self.config.warmup_steps,
+        warmup = self.config.warmup_steps
+        rate = learning_rate(self.step, base_lr=self.config.lr, warmup_steps=warmup or 0,
                              total_steps=self.total_steps, schedule=self.config.schedule,
-                             min_lr_ratio=self.config.min_lr_ratio, progress=progress)
+                             min_lr_ratio=self.config.min_lr_ratio, progress=progress,
+                             warmup_share=DEFAULT_WARMUP_SHARE if warmup is None else 0.0)
         return rate * self.plateau.scale if self.config.schedule == "plateau" else rate
 
     def _finished_reason(self) -> str | None:

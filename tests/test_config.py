@@ -112,7 +112,8 @@ def test_train_config_holds_the_architecture_and_reads_flat_saved_options():
              "schedule": "cosine", "min_lr_ratio": 0.1, "plateau_factor": 0.5, "plateau_patience": 2, "epochs": None,
              "max_steps": 30, "time_budget": None, "eval_every": 10, "checkpoint_every": 10, "log_every": 10, "seed": 5}
     config = TrainConfig.from_dict(saved)
-    assert config.model == Architecture(embed_dim=16, hidden_size=64, dropout=0.3, weight_drop=0.1)
+    assert config.model == Architecture(embed_dim=16, hidden_size=64, dropout=0.3, locked_dropout=True,
+                                        weight_drop=0.1)
     assert config.to_dict() == {**saved, "bpe_sample_mb": 50.0, "eval_tokens": 1_000_000}  # newer options: defaults
     assert config.model.with_vocab_size(66) == ModelConfig(vocab_size=66, **config.model.to_dict())
     with pytest.raises(ConfigError, match="model must be an Architecture"):

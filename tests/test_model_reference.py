@@ -107,9 +107,10 @@ def test_matches_numpy_reference_float32(layer0, tie_weights, layers):
     logits, logits_state = model.logits(ids, state)
     assert logits.dtype == np.float32
     assert close(logits, ref_logits) < TOLERANCE
-    # dropout is 0.3 but only applies when train=True with masks; a zero-dropout config is the reference.
-    no_dropout = LSTMLanguageModel(ModelConfig(**{**config.to_dict(), "dropout": 0.0}), params=model.params,
-                                   embedding_table=layer0)
+    # dropout is 0.3 but only applies when train=True with masks; a config without dropout or DropConnect
+    # is the reference.
+    no_dropout = LSTMLanguageModel(ModelConfig(**{**config.to_dict(), "dropout": 0.0, "weight_drop": 0.0}),
+                                   params=model.params, embedding_table=layer0)
     loss, final_state = no_dropout.forward(ids, targets, state, train=True)
     assert abs(loss - ref_loss) < TOLERANCE * ref_loss
     for actual, from_logits, expected in zip(final_state, logits_state, ref_state):

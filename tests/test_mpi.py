@@ -27,10 +27,11 @@ pytest.importorskip("mpi4py", reason="data-parallel training needs mpi4py: pip i
 
 TOLERANCE = 1e-5
 WAIT_SECONDS = 120
-# Dropout (its masks must be the whole batch's), random window lengths (the data order) and a carried state.
+# Dropout (its masks must be the whole batch's), random window lengths (the data order), a carried state, and
+# validation on a sample of the split's rows (shared out among the processes).
 OPTIONS = dict(num_layers=2, hidden_size=16, embed_dim=8, dropout=0.3, seq_len=12, batch_size=4,
-               random_length=True, lr=1e-2, warmup_steps=4, eval_every=10, checkpoint_every=5, log_every=1,
-               seed=7)
+               random_length=True, lr=1e-2, warmup_steps=4, eval_every=10, eval_tokens=400, checkpoint_every=5,
+               log_every=1, seed=7)
 
 
 def mpiexec() -> str:

@@ -153,6 +153,19 @@ def test_cosine_by_progress_fraction_and_constant():
         learning_rate(5, base_lr=1.0, warmup_steps=0, total_steps=10, schedule="linear")
 
 
+def test_warmup_share_follows_the_run_length():
+    """A share of the run warms up over that share of its steps, or of its time budget's progress."""
+    by_steps = [learning_rate(s, base_lr=1.0, warmup_steps=0, total_steps=500, warmup_share=0.02,
+                              min_lr_ratio=0.0) for s in range(500)]
+    assert by_steps[0] == pytest.approx(0.1) and by_steps[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(by_steps[:10], by_steps[1:10]))
+    by_time = [learning_rate(s, base_lr=1.0, warmup_steps=0, total_steps=None, warmup_share=0.02,
+                             progress=p, min_lr_ratio=0.0) for s, p in ((0, 0.005), (1, 0.01), (2, 0.5))]
+    assert by_time == pytest.approx([0.25, 0.5, 0.5])
+    with pytest.raises(ConfigError):
+        learning_rate(5, base_lr=1.0, warmup_steps=0, total_steps=None, warmup_share=0.02)
+
+
 def test_plateau_halves_after_patience_and_round_trips():
     plateau = PlateauDecay(factor=0.5, patience=2)
     for loss in (3.0, 2.0, 2.5, 2.1):

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("layer0", ["never", "always"])
 def test_matches_torch_lstm(layer0):
-    config = ModelConfig(vocab_size=29, embed_dim=12, hidden_size=20, num_layers=2, dropout=0.0)
+    config = ModelConfig(vocab_size=29, embed_dim=12, hidden_size=20, num_layers=2, dropout=0.0, weight_drop=0.0)
     model = LSTMLanguageModel(config, seed=4, embedding_table=layer0)
     rng = np.random.default_rng(0)
     steps, batch = 8, 5

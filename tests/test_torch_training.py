@@ -38,7 +38,7 @@ def torch_copy(model: LSTMLanguageModel):
 
 def test_training_trajectory_equals_pytorch_adam():
     config = ModelConfig(vocab_size=VOCAB, embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS, dropout=0.0,
-                         dtype="float64")
+                         weight_drop=0.0, dtype="float64")
     model = LSTMLanguageModel(config, seed=3)
     embedding, lstm, decoder = torch_copy(model)
     trainable = [p for module in (embedding, lstm, decoder) for p in module.parameters() if p.requires_grad]

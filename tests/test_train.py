@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import charlm.train as train_module
-from charlm.checkpoint import load_checkpoint, load_model, save_checkpoint
-from charlm.config import TrainConfig
+from charlm.checkpoint import load_checkpoint, load_model, save_checkpoint, saved_train_config
+from charlm.config import TrainConfig, merge_options, option_default
 from charlm.corpus import resolve_corpus
 from charlm.errors import ConfigError, CorpusError
 from charlm.evaluate import evaluate
@@ -193,10 +193,11 @@ def test_output_folder_holding_a_run_needs_resume_or_force(corpus, tmp_path):
 
 def test_resume_refuses_a_changed_model(corpus, tmp_path):
     out = tmp_path / "run"
-    train(tiny_config(corpus, out, max_steps=3), verbose=False)
+    train(tiny_config(corpus, out, max_steps=3, ema_decay=0.0), verbose=False)
     with pytest.raises(ConfigError, match="--hidden 24 -> 32"):
-        train(tiny_config(corpus, out, hidden_size=32), resume=True, verbose=False)
-    # A run saved before a setting existed ran with its default: turning the weight average on is a change.
+        train(tiny_config(corpus, out, hidden_size=32, ema_decay=0.0), resume=True, verbose=False)
+    # A run saved before a setting existed ran with the default of its day (no weight average, where today's
+    # default is one): turning the average on is a change, and resuming from the saved options keeps it off.
     last = out / "last"
     checkpoint = load_checkpoint(last, load_optimizer=True)
     del checkpoint.train_config["ema_decay"]
@@ -205,7 +206,19 @@ def test_resume_refuses_a_changed_model(corpus, tmp_path):
                     optimizer_state=checkpoint.optimizer_state, train_config=checkpoint.train_config)
     with pytest.raises(ConfigError, match="--ema-decay 0.0 -> 0.9"):
         train(tiny_config(corpus, out, ema_decay=0.9), resume=True, verbose=False)
-    assert train(tiny_config(corpus, out, max_steps=4), resume=True, verbose=False).step == 4
+    with pytest.raises(ConfigError, match=f"--ema-decay 0.0 -> {option_default('ema_decay')}"):
+        train(tiny_config(corpus, out, max_steps=4), resume=True, verbose=False)
+    saved = saved_train_config(out)
+    assert saved["ema_decay"] == 0.0
+    assert train(TrainConfig.from_dict(merge_options(saved, {"max_steps": 4})), resume=True, verbose=False).step == 4
+
+
+def test_default_warmup_is_a_share_of_the_run(corpus, tmp_path):
+    """Without warmup_steps the rate warms up over 2 % of the planned steps: 2 of 100 here."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, warmup_steps=None, max_steps=100, log_every=1, eval_every=100), verbose=False)
+    rates = [m["lr"] for m in stable_metrics(out) if m["event"] == "train"]
+    assert rates[:3] == pytest.approx([0.5e-2, 1e-2, 1e-2]) and rates[3] < 1e-2
 
 
 def test_time_budget_and_epochs_stop_cleanly(corpus, tmp_path):

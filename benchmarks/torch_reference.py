@@ -1,13 +1,14 @@
-"""PyTorch's nn.LSTM on Tiny Shakespeare, fed by charlm's own data pipeline and validated by charlm's evaluator.
+"""PyTorch's nn.LSTM on any corpus, fed by charlm's own data pipeline and validated by charlm's evaluator.
 
-Two uses, both quoted in the README:
+Two uses:
   --steps N    the same batches and initial weights as `charlm train --seed S --max-steps N` with
                `locked_dropout = false` and the same lr, schedule, clipping and sampling: the two validation
                curves then show whether charlm learns what PyTorch learns, step for step.
-  --minutes M  the issue's PyTorch reference run (2×512, embedding 128, dropout 0.2, Adam with cosine decay to
-               0 over the wall-clock budget, T=128, B=32), for the same budget as a charlm recipe run.
-Prints one JSON line per validation. Needs torch (`pip install -e '.[torch]'`) and the corpus
-(`$CHARLM_CORPORA` or `charlm`'s cache).
+  --minutes M  a plain PyTorch reference run (2×512, embedding 128, dropout 0.2, Adam with linear warm-up and
+               cosine decay over the wall-clock budget, T=128, B=32, streams with the state carried), for the
+               same budget as a charlm run; compare_defaults.py runs it beside `charlm train`.
+The corpus is split as `charlm train` splits it (a registered corpus's own validation file, else the
+contiguous last 10 %). Prints one JSON line per validation. Needs torch (`pip install -e '.[torch]'`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from charlm.config import ModelConfig
 from charlm.corpus import resolve_corpus
 from charlm.data import SAMPLINGS, BatchStream
-from charlm.evaluate import evaluate_ids
+from charlm.evaluate import evaluate_ids, predicted_chars
 from charlm.model import LSTMLanguageModel
 from charlm.optim import learning_rate
 from charlm.tokenize import train_tokenizer
@@ -75,17 +76,24 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="train this many steps, cosine schedule over them")
     budget.add_argument("--minutes", type=float, help="train this long, cosine schedule over the wall clock")
+    parser.add_argument("--corpus", default="tinyshakespeare", help="registered corpus name or a text file")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (0 = none)")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
     parser.add_argument("--sampling", choices=SAMPLINGS, default="streams")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=200, help="validate every N steps; 0 = only at the end")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    splits = resolve_corpus("tinyshakespeare", valid_fraction=0.1)
+    splits = resolve_corpus(args.corpus)
     tokenizer = train_tokenizer("char", splits.train)
-    train_ids, valid_ids = tokenizer.encode(splits.train.read_text()), tokenizer.encode(splits.valid.read_text())
+    # As `charlm train`: validation characters never seen in training count as <unk>.
+    train_ids = tokenizer.encode(splits.train.read_text())
+    valid_ids = tokenizer.encode(splits.valid.read_text(), unknown="replace")
+    valid_chars = predicted_chars(tokenizer, valid_ids)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, embed_dim=128, hidden_size=512, num_layers=2,
                          dropout=0.2, locked_dropout=False)
     evaluator = LSTMLanguageModel(config, seed=args.seed)
@@ -94,10 +102,11 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     stream = BatchStream(train_ids, 32, 128, sampling=args.sampling, seed=args.seed)
 
-    def validate(step: int, start: float) -> None:
+    def validate(step: int, start: float, train_seconds: float) -> None:
         copy_to_charlm(model, evaluator.params, config.num_layers)
-        loss = evaluate_ids(evaluator, valid_ids, chars=len(valid_ids) - 1).loss
-        print(json.dumps({"step": step, "val": loss, "elapsed": round(time.time() - start, 1)}), flush=True)
+        loss = evaluate_ids(evaluator, valid_ids, chars=valid_chars).loss
+        print(json.dumps({"step": step, "val": loss, "train_seconds": round(train_seconds, 1),
+                          "elapsed": round(time.time() - start, 1)}), flush=True)
 
     state, step, start = None, 0, time.time()
     while (step < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
@@ -106,8 +115,8 @@ def main() -> None:
             state = None
         progress = None if args.steps else (time.time() - start) / (args.minutes * 60)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, base_lr=args.lr, warmup_steps=100, total_steps=args.steps,
-                                        min_lr_ratio=0.0, progress=progress)
+            group["lr"] = learning_rate(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                                        min_lr_ratio=args.min_lr_ratio, progress=progress)
         model.train()
         logits, state = model(torch.from_numpy(inputs).long(), state)
         state = tuple(s.detach() for s in state)
@@ -118,10 +127,10 @@ def main() -> None:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % args.eval_every == 0:
-            validate(step, start)
-    if step % args.eval_every:
-        validate(step, start)
+        if args.eval_every and step % args.eval_every == 0:
+            validate(step, start, time.time() - start)
+    if not args.eval_every or step % args.eval_every:
+        validate(step, start, time.time() - start)
 
 
 if __name__ == "__main__":
