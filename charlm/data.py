@@ -2,7 +2,8 @@
 
 Ids are encoded once per (text, tokenizer) and kept in cache_dir()/ids as a flat file of ids in the
 smallest dtype that fits the vocabulary plus a JSON index (dtype, count), as Megatron's .bin/.idx; they
-are memory-mapped, so a corpus of any size is never held in memory, and later runs skip encoding. BatchStream cuts the
+are memory-mapped, so a corpus of any size is never held in memory, and later runs skip encoding; a
+tokenizer trained on a corpus split is kept beside them, so later runs skip counting too. BatchStream cuts the
 ids into `batch_size` contiguous streams (pytorch/examples' `batchify`) and walks them in windows of
 `seq_len` steps; the hidden state carries from one window to the next and is reset only when an epoch
 starts, which each window reports. Or it samples every window's rows at random places in the corpus
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import tokenizers
 
 from charlm.corpus import TextSpan, cache_dir, map_chunks
-from charlm.errors import ConfigError, CorpusError, require_int
-from charlm.tokenize import Tokenizer
+from charlm.errors import ConfigError, CorpusError, TokenizerError, require_int
+from charlm.tokenize import DEFAULT_BPE_SAMPLE_BYTES, Tokenizer, train_tokenizer
 
 RANDOM_LENGTH_STD = 5.0
 RANDOM_LENGTH_FULL_PROB = 0.95
@@ -68,6 +70,24 @@ def encode_cached(tokenizer: Tokenizer, source: str | TextSpan, key: str | None 
         print(f"encoded {size / 1e6:,.1f} MB into {tokens:,} {tokenizer.kind} tokens ({tokenizer.id_dtype.name}) "
               f"in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):,.0f} MB/s)", file=sys.stderr)
     return _load_entry(path) if tokens else np.zeros(0, dtype=tokenizer.id_dtype)
+
+
+def train_tokenizer_cached(kind: str, source: TextSpan, key: str, vocab_size: int | None = None,
+                           bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE_BYTES) -> Tokenizer:
+    """`train_tokenizer` on a corpus split, kept in cache_dir()/tokenizers under `key` (e.g.
+    `CorpusSplits.cache_key("train")`) and the settings, so a second run on the same corpus skips the
+    counting pass as it skips encoding."""
+    settings = [key, kind, repr(vocab_size), repr(bpe_sample_bytes) if kind == "bpe" else "", tokenizers.__version__]
+    digest = hashlib.sha256("\0".join(settings).encode("utf-8")).hexdigest()
+    path = cache_dir() / "tokenizers" / f"{digest}.json"
+    try:
+        return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, TokenizerError):
+        pass  # missing or damaged: trained again below
+    tokenizer = train_tokenizer(kind, source, vocab_size, bpe_sample_bytes=bpe_sample_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomically(path, tokenizer.to_json())
+    return tokenizer
 
 
 def _file_identity(span: TextSpan) -> str:

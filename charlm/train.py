@@ -32,7 +32,7 @@ from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from charlm.config import (ARCHITECTURE_FIELDS, DEFAULT_TIME_BUDGET_MINUTES, DEFAULT_WARMUP_SHARE, ModelConfig,
                            TrainConfig, earlier_default, flag)
 from charlm.corpus import resolve_corpus
-from charlm.data import BatchStream, encode_cached
+from charlm.data import BatchStream, encode_cached, train_tokenizer_cached
 from charlm.distributed import SingleProcess, world
 from charlm.errors import CharlmError, CheckpointError, ConfigError, CorpusError
 from charlm.evaluate import evaluate_ids, evaluate_rows, predicted_chars, validation_sample
@@ -40,7 +40,7 @@ from charlm.model import LSTMLanguageModel
 from charlm.optim import AdamW, PlateauDecay, WeightAverage, clip_grad_norm, learning_rate
 from charlm.runlock import LOCK_FILE, RunLock
 from charlm.runtime import ensure_threads_limited, limit_threads, thread_count
-from charlm.tokenize import Tokenizer, train_tokenizer
+from charlm.tokenize import Tokenizer
 
 MAX_CONSECUTIVE_NONFINITE = 5
 METRICS_FILE = "metrics.jsonl"
@@ -316,7 +316,8 @@ class _Run:
         if self.verbose and config.tokenizer == "bpe" and splits.train.size > sample_bytes:
             print(f"bpe: learning merges from a {config.bpe_sample_mb:g} MB sample (evenly spaced 1 MB blocks) "
                   f"of the {splits.train.size / 1e6:,.0f} MB training split (--bpe-sample-mb)", file=sys.stderr)
-        return train_tokenizer(config.tokenizer, splits.train, config.vocab_size, bpe_sample_bytes=sample_bytes)
+        return train_tokenizer_cached(config.tokenizer, splits.train, splits.cache_key("train"), config.vocab_size,
+                                      bpe_sample_bytes=sample_bytes)
 
     def _encode(self, splits) -> np.ndarray:
         """The training ids (returned) and validation ids (self.valid_ids) under self.tokenizer, from the cache."""

@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 
+import charlm.data as data_module
+
 from charlm.corpus import cache_dir, resolve_corpus
-from charlm.data import BatchStream, encode_cached
+from charlm.data import BatchStream, encode_cached, train_tokenizer_cached
 from charlm.errors import ConfigError, CorpusError, TokenizerError
 from charlm.tokenize import train_tokenizer
 
@@ -185,3 +187,21 @@ def test_stream_over_cached_ids_of_a_real_split(tmp_path):
     assert tok.decode(inputs[:, 0]) == train[:8]
     assert tok.decode(targets[:, 1]) == train[half + 1:half + 9]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]  # the cache is elsewhere
+
+
+def test_a_tokenizer_trained_on_a_split_is_cached_by_key_and_settings(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    span = resolve_corpus(path).train
+    char = train_tokenizer_cached("char", span, "corpus-a:train")
+    assert char.to_json() == train_tokenizer("char", span).to_json()
+    capped = train_tokenizer_cached("char", span, "corpus-a:train", vocab_size=5)
+    assert capped.vocab_size == 5 and len(list((cache_dir() / "tokenizers").glob("*.json"))) == 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached tokenizer must not be trained again")
+
+    monkeypatch.setattr(data_module, "train_tokenizer", fail)
+    assert train_tokenizer_cached("char", span, "corpus-a:train").to_json() == char.to_json()
+    with pytest.raises(AssertionError, match="trained again"):
+        train_tokenizer_cached("char", span, "corpus-b:train")
