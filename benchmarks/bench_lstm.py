@@ -387,8 +387,8 @@ def measure_bandwidth(n_bytes: int, reps: int = 5) -> float:
     @njit(nogil=True, fastmath=True)
     def stream_sum(values):
         total = np.float32(0.0)
-        for value in values:
-            total += value
+        for i in range(values.shape[0]):  # indexed: LLVM left the `for value in values` form scalar
+            total += values[i]
         return total
 
     buffer = np.ones(n_bytes // 4, np.float32)
