@@ -47,7 +47,7 @@ def test_torch_export_loads_into_the_readme_module_and_matches_over_carried_wind
     torch = pytest.importorskip("torch")
     import safetensors.torch
 
-    # The module the README shows.
+    # The module docs/export.md shows.
     class CharLM(torch.nn.Module):
         def __init__(self, vocab_size, embed_dim, hidden_size, num_layers, **_):
             super().__init__()
