@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from charlm.corpus import resolve_corpus
+from charlm.kernels.target import cpu_model
 
 ENCODED = re.compile(r"encoded ([\d,.]+) MB into ([\d,]+) \w+ tokens \((\w+)\) in ([\d.]+) s \(([\d,]+) MB/s\)")
 MODEL_FLAGS = ["--max-steps", "3", "--hidden", "256", "--embed", "64"]
@@ -116,11 +116,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print_table(records, extra)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "records": records}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "records": records}, indent=2))
 
 
 def print_table(records: list[dict], extra: list[str]) -> None:
-    print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores; command: charlm train --corpus FILE --tokenizer KIND "
+    print(f"\nCPU: {cpu_model()}; {os.cpu_count()} cores; command: charlm train --corpus FILE --tokenizer KIND "
           f"{' '.join(MODEL_FLAGS + extra)}")
     print("| corpus | tokenizer | ids cache | wall time | peak RSS | encoding rate | ids | check pass |")
     print("|---:|---|---|---:|---:|---:|---|---:|")
@@ -128,16 +128,6 @@ def print_table(records: list[dict], extra: list[str]) -> None:
         rates = ", ".join(f"{rate} MB/s" for rate in r["encode_mb_per_s"]) or "cached"
         print(f"| {r['corpus_mb']:,} MB | {r['tokenizer']} | {r['cache']} | {r['seconds']:.0f} s | "
               f"{r['peak_rss_mib']:,} MiB | {rates} | {r['id_dtype'] or ''} | {r['check_s_per_gb']:.1f} s/GB |")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

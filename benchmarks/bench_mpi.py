@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lstm import BenchConfig, parse_config  # noqa: E402
+from charlm.kernels.target import cpu_model  # noqa: E402
 
 TARGET_SPEEDUP = 1.8
 CLIP = 1.0
@@ -103,17 +103,6 @@ def run_job(processes: int, config: str, steps: int, warmup: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="char-512,bpe-512", help="comma-separated bench_lstm configs")
@@ -129,7 +118,7 @@ def main() -> None:
         worker(configs[0], args.steps, args.warmup)
         return
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {args.rounds} rounds x {args.steps} steps; "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {args.rounds} rounds x {args.steps} steps; "
           f"1 thread per process")
     width = max(9, *(len(config.name) for config in configs))
     header = (f"{'config':<{width}} {'procs':>5} {'tokens/s':>9} {'step ms':>8} {'compute ms':>10} {'wait ms':>8} "
@@ -161,7 +150,7 @@ def main() -> None:
                   f"{record['update_ms']:>9.1f} "
                   f"{record['gradient_bytes'] / 1e6:>8.1f} {verdict:>8} {busy_speeds[size]:>10,.0f} {busy_up:>6}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args) | {"json": str(args.json)},
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "args": vars(args) | {"json": str(args.json)},
                                          "records": results}, indent=1))
 
 

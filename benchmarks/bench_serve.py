@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -42,7 +41,8 @@ import numpy as np
 from charlm.checkpoint import save_checkpoint
 from charlm.config import ModelConfig
 from charlm.corpus import resolve_corpus
-from charlm.model import LSTMLanguageModel, init_params
+from charlm.kernels.target import cpu_model
+from charlm.model import init_params
 from charlm.tokenize import train_tokenizer
 
 # Shapes as in bench_lstm.py; the vocabulary comes from a tokenizer trained on the corpus.
@@ -209,17 +209,6 @@ def run_config(name: str, args, folder: Path) -> dict:
             "speedup": load["tokens_per_second"] / batch1}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -251,7 +240,7 @@ def main() -> None:
             print(f"  burst of {burst['requests']}: {burst['answered_200']} answered, {burst['answered_429']} "
                   f"told 429, other {burst['other_status']}, {burst['lost']} lost, {burst['cut_short']} cut short; "
                   f"server alive after: {result['alive_after']}, exit status after SIGTERM: {result['server_exit']}")
-    doc = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    doc = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "results": results}
     print(f"CPU: {doc['cpu']}, {doc['cores']} cores")
     if args.json:

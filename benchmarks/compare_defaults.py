@@ -19,13 +19,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from charlm.corpus import resolve_corpus
+from charlm.kernels.target import cpu_model
 
 HERE = Path(__file__).resolve().parent
 TORCH_FLAGS = ("--warmup", "0", "--min-lr-ratio", "0.1", "--eval-every", "0", "--sampling", "streams",
@@ -36,16 +36,6 @@ def bits_per_byte(nats_per_char: float, valid_text: str) -> float:
     """Nats per predicted character -> bits per UTF-8 byte of the predicted text (all but its first character)."""
     predicted = valid_text[1:]
     return nats_per_char * len(predicted) / (math.log(2) * len(predicted.encode("utf-8")))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def commit() -> str:
@@ -113,7 +103,7 @@ def main() -> None:
             if child.wait():
                 raise SystemExit(f"a run failed; see {log}")
 
-    common = {"corpus": args.corpus, "minutes": args.minutes, "started": started, "cpu": cpu_name(),
+    common = {"corpus": args.corpus, "minutes": args.minutes, "started": started, "cpu": cpu_model(),
               "commit": commit(), "mode": "sequential" if args.sequential else "concurrent, one core each"}
     rows = []
     for name, result, command in (("charlm", charlm_result(out / "charlm"), charlm_cmd),

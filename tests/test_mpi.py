@@ -19,9 +19,9 @@ import pytest
 import safetensors.numpy
 
 from charlm.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, load_checkpoint
-from charlm.config import ModelConfig
+from charlm.config import ModelConfig, TrainConfig
 from charlm.model import param_shapes
-from charlm.train import METRICS_FILE, TrainConfig, train
+from charlm.train import METRICS_FILE, train
 
 pytest.importorskip("mpi4py", reason="data-parallel training needs mpi4py: pip install 'charlm[mpi]'")
 
