@@ -41,10 +41,11 @@ GENERATION_CHUNK = 64
 
 def parallel_generation_bytes() -> int:
     """Weight bytes a thread of batch-1 generation should have to read, at least, before a token's products
-    are split across one more thread: one core's L2 (gemm.DEFAULT_L2_BYTES where the OS does not say).
-    A share that fits a core's L2 is read from there about as fast by one core as by two, and the threads'
-    meetings (L + 1 a token) then cost more than they save (measurements in benchmarks/README.md)."""
-    return caches().l2 or gemm.DEFAULT_L2_BYTES
+    are split across one more thread: half of one core's L2 (gemm.DEFAULT_L2_BYTES where the OS does not
+    say). Weights that fit there are read about as fast by one core as by two, and the threads' meetings
+    (L + 1 a token) then cost more than they save; weights that overflow one core's L2 are split so that
+    each core's share stays in its own L2 (measurements in benchmarks/README.md)."""
+    return (caches().l2 or gemm.DEFAULT_L2_BYTES) // 2
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
