@@ -239,7 +239,7 @@ class _MetricsLog:
 
 
 class _Run:
-    """One training session: the state that a checkpoint saves and the steps that advance it."""
+    """One training run: the state that a checkpoint saves and the steps that advance it."""
 
     def __init__(self, config: TrainConfig, out: Path, checkpoint: Checkpoint | None, verbose: bool,
                  processes: SingleProcess) -> None:

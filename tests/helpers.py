@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -67,3 +68,11 @@ class ServerProcess:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
+
+
+def write_word_corpus(path: Path, lines: int) -> Path:
+    """A small corpus of random ten-word lines over a fixed 16-word vocabulary, the same for a given size."""
+    rng = random.Random(0)
+    words = "a stitch in time saves nine but the early bird gets the worm while cats sleep".split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)) + "\n")
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from helpers import write_word_corpus
 from charlm.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, load_checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.model import param_shapes
@@ -60,10 +60,7 @@ def mpi_command(processes: int, corpus: Path, out: Path, *extra: str, **options)
 def workspace(tmp_path_factory):
     """A generated corpus, a cache private to this module's processes, and a 1-process reference run."""
     root = tmp_path_factory.mktemp("mpi")
-    rng = random.Random(0)
-    words = "a stitch in time saves nine but the early bird gets the worm while cats sleep".split()
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)) + "\n")
+    corpus = write_word_corpus(root / "corpus.txt", 300)
     env = {**os.environ, "CHARLM_CACHE": str(root / "cache")}
     reference = root / "reference"
     finished = subprocess.run([sys.executable, "-m", "charlm", "train", "--corpus", str(corpus), "--out",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
+from helpers import write_word_corpus
 from charlm.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, load_checkpoint
 from charlm.train import METRICS_FILE, VOLATILE_METRIC_KEYS
 
@@ -37,10 +38,7 @@ def train_command(corpus: Path, out: Path, *extra: str) -> list[str]:
 def workspace(tmp_path_factory):
     """A generated corpus, a private cache for all the processes, and one uninterrupted reference run."""
     root = tmp_path_factory.mktemp("resume")
-    rng = random.Random(0)
-    words = "a stitch in time saves nine but the early bird gets the worm while cats sleep".split()
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(150)) + "\n")
+    corpus = write_word_corpus(root / "corpus.txt", 150)
     env = {**os.environ, "CHARLM_CACHE": str(root / "cache")}
     reference = root / "reference"
     finished = subprocess.run(train_command(corpus, reference, "--checkpoint-every", "5"), env=env,
